@@ -1,0 +1,326 @@
+"""Sources of tracks: MUSDB18 through musdb, folder layouts, and a user's own Python dataset.
+
+Every kind lists its tracks as :class:`TrackRef` objects (small, picklable: they travel to decode
+worker processes) and :func:`load_track` turns one into a :class:`Track` of float32 audio.
+The folder layouts are open-unmix's custom dataset kinds (``openunmix/data.py``):
+
+- ``aligned``: ``ROOT/<track>/`` holds an input (the mixture) and an output (the target) file;
+- ``sourcefolder``: ``ROOT/<source>/*.wav``: single-source files, mixed at random when loading;
+- ``trackfolder``: ``ROOT/<track>/<source>.wav``: stems per track, a fixed set of sources or,
+  with ``variable_sources``, whatever each track holds (missing sources are silence).
+
+Audio shapes: ``(channels, samples)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from umxtools import audio
+from umxtools.errors import AudioError, DatasetError, UsageError
+
+MUSDB_SOURCES = ("vocals", "drums", "bass", "other")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3", ".mp4", ".m4a")
+LAYOUTS = ("aligned", "sourcefolder", "trackfolder")
+
+
+@dataclass(frozen=True)
+class TrackRef:
+    """Where one track's audio comes from.
+
+    ``files`` maps a role (``mixture`` or a source name; ``stems`` for a multi-stream file) to a
+    path. ``module`` tracks name ``module_spec``/``module_args`` and their ``index`` instead.
+    """
+
+    name: str
+    kind: str
+    files: dict[str, str] = field(default_factory=dict)
+    stem_order: tuple[str, ...] = ()
+    module_spec: str = ""
+    module_args: str = "{}"
+    index: int = -1
+
+
+@dataclass
+class Track:
+    """Decoded audio of one track: ``sources[name]`` and ``mixture`` are ``(channels, samples)``."""
+
+    name: str
+    sample_rate: int
+    sources: dict[str, np.ndarray]
+    mixture: np.ndarray | None
+    inputs: list[str]
+
+    @property
+    def nb_samples(self) -> int:
+        first = self.mixture if self.mixture is not None else next(iter(self.sources.values()))
+        return first.shape[-1]
+
+
+# --- listing ---------------------------------------------------------------------------------
+
+
+def musdb_tracks(
+    root: str | Path,
+    is_wav: bool = False,
+    subsets: str = "train",
+    split: str | None = "train",
+    valid_tracks: list[str] | None = None,
+) -> list[TrackRef]:
+    """Tracks of a MUSDB18 (``.stem.mp4``) or MUSDB18-HQ (``is_wav``) root, listed by musdb.DB.
+
+    ``split`` selects musdb's own train/valid split of the train subset; ``valid_tracks`` replaces
+    musdb's validation list (needed for roots whose tracks are not MUSDB18's, such as the toy data).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(root, "no such dataset folder")
+    if split is not None and subsets != "train":
+        raise UsageError(None, "--split selects from the train subset; use it with --subsets train")
+    try:
+        import musdb  # noqa: PLC0415  (imports stempeg, which needs ffmpeg)
+    except Exception as exc:
+        raise DatasetError(root, "musdb needs ffmpeg and ffprobe on PATH (apt-get install ffmpeg)") from exc
+    try:
+        db = musdb.DB(root=str(root), is_wav=is_wav, subsets=subsets, split=None if valid_tracks else split)
+    except Exception as exc:  # musdb raises RuntimeError/OSError/ValueError for bad roots
+        raise DatasetError(root, f"musdb cannot read it ({audio._first_line(exc)})") from exc
+    tracks = list(db.tracks)
+    if valid_tracks and split is not None:
+        valid = set(valid_tracks)
+        unknown = valid - {t.name for t in tracks}
+        if unknown:
+            raise DatasetError(root, f"--valid-tracks names tracks not in the {subsets} subset: {sorted(unknown)}")
+        tracks = [t for t in tracks if (t.name in valid) == (split == "valid")]
+    if not tracks:
+        layout = "track folders of wavs" if is_wav else "*.stem.mp4 files"
+        where = f"{subsets}/" + ("" if split is None else f" ({split} split)")
+        raise DatasetError(root, f"no tracks found in {where}: expected {layout}")
+    refs = []
+    stem_ids = {name: int(i) for name, i in db.setup["stem_ids"].items()}  # mixture 0, drums 1, ...
+    stem_order = tuple(sorted(stem_ids, key=stem_ids.get))
+    for t in tracks:
+        if is_wav:
+            folder = Path(t.path).parent  # musdb gives the mixture file of a wav track
+            files = {"mixture": str(folder / db.setup["mixture"])}
+            files.update({s: str(folder / db.setup["sources"][s]) for s in MUSDB_SOURCES})
+            refs.append(TrackRef(name=t.name, kind="musdb", files=files))
+        else:
+            refs.append(TrackRef(name=t.name, kind="musdb", files={"stems": str(t.path)}, stem_order=stem_order))
+    return refs
+
+
+def folder_tracks(
+    root: str | Path,
+    layout: str,
+    sources: list[str] | None = None,
+    input_file: str = "mixture.wav",
+    output_file: str = "vocals.wav",
+    mixture_file: str = "mixture.wav",
+    variable_sources: bool = False,
+) -> list[TrackRef]:
+    """Tracks of one of open-unmix's custom folder layouts (see the module docstring)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(root, "no such dataset folder")
+    if layout == "aligned":
+        refs = _aligned(root, input_file, output_file)
+    elif layout == "sourcefolder":
+        refs = _sourcefolder(root, sources)
+    elif layout == "trackfolder":
+        refs = _trackfolder(root, sources, mixture_file, variable_sources)
+    else:
+        raise UsageError(None, f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
+    if not refs:
+        raise DatasetError(root, f"no tracks found for layout {layout}")
+    return refs
+
+
+def _audio_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES and not p.name.startswith("."))
+
+
+def _aligned(root: Path, input_file: str, output_file: str) -> list[TrackRef]:
+    target = Path(output_file).stem
+    refs = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        inputs, outputs = sorted(folder.glob(input_file)), sorted(folder.glob(output_file))
+        if not inputs or not outputs:
+            missing = input_file if not inputs else output_file
+            raise DatasetError(folder, f"missing {missing} (aligned layout needs {input_file} and {output_file})")
+        refs.append(TrackRef(name=folder.name, kind="aligned", files={"mixture": str(inputs[0]), target: str(outputs[0])}))
+    return refs
+
+
+def _sourcefolder(root: Path, sources: list[str] | None) -> list[TrackRef]:
+    names = sources or sorted(p.name for p in root.iterdir() if p.is_dir())
+    refs = []
+    for source in names:
+        folder = root / source
+        if not folder.is_dir():
+            raise DatasetError(folder, f"missing folder for source {source!r}")
+        files = _audio_files(folder)
+        if not files:
+            raise DatasetError(folder, f"no audio files for source {source!r}")
+        refs += [TrackRef(name=f"{source}/{f.stem}", kind="sourcefolder", files={source: str(f)}) for f in files]
+    return refs
+
+
+def _trackfolder(root: Path, sources: list[str] | None, mixture_file: str, variable: bool) -> list[TrackRef]:
+    refs = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        present = {p.stem: p for p in _audio_files(folder) if p.name != mixture_file}
+        wanted = sources or sorted(present)
+        if not variable:
+            missing = [s for s in wanted if s not in present]
+            if missing:
+                raise DatasetError(folder, f"missing stems: {', '.join(missing)}")
+        files = {s: str(present[s]) for s in wanted if s in present}
+        if not files:
+            raise DatasetError(folder, "no stems found")
+        if (folder / mixture_file).exists():
+            files["mixture"] = str(folder / mixture_file)
+        refs.append(TrackRef(name=folder.name, kind="trackfolder", files=files))
+    return refs
+
+
+def module_tracks(spec: str, args: dict[str, Any]) -> list[TrackRef]:
+    """Tracks of a user's dataset class ``MODULE:CLASS`` (or ``path/to/file.py:CLASS``).
+
+    The contract (the pattern of open-unmix's TemplateDataset), see ``examples/template_dataset.py``:
+    ``CLASS(**args)`` has ``sample_rate`` (int), ``__len__`` and ``__getitem__(index)`` returning a
+    mapping from source name to audio of shape ``(channels, samples)`` (numpy or torch), optionally
+    with a ``"mixture"`` entry; an optional ``track_name(index)`` names the tracks.
+    """
+    dataset = instantiate_module(spec, args)
+    names = [_module_track_name(dataset, i) for i in range(len(dataset))]
+    if not names:
+        raise DatasetError(spec, "the dataset has no items (len() is 0)")
+    blob = json.dumps(args, sort_keys=True)
+    return [TrackRef(name=n, kind="module", module_spec=spec, module_args=blob, index=i) for i, n in enumerate(names)]
+
+
+def _module_track_name(dataset, index: int) -> str:
+    if hasattr(dataset, "track_name"):
+        return str(dataset.track_name(index))
+    return f"{type(dataset).__name__}-{index:05d}"
+
+
+_MODULE_CACHE: dict[tuple[str, str], Any] = {}
+
+
+def instantiate_module(spec: str, args: dict[str, Any]):
+    """Import ``MODULE:CLASS`` and build it with ``args``; cached per process for decode workers."""
+    key = (spec, json.dumps(args, sort_keys=True))
+    if key in _MODULE_CACHE:
+        return _MODULE_CACHE[key]
+    if ":" not in spec:
+        raise UsageError(None, f"{spec!r} is not MODULE:CLASS")
+    module_name, class_name = spec.rsplit(":", 1)
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.exists():
+                raise DatasetError(path, "no such file")
+            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[path.stem] = module
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DatasetError(module_name, f"cannot import ({exc})") from exc
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise DatasetError(module_name, f"has no class {class_name!r}")
+    try:
+        dataset = cls(**args)
+    except TypeError as exc:
+        raise DatasetError(spec, f"cannot construct with {args} ({exc})") from exc
+    for needed in ("__len__", "__getitem__"):
+        if not hasattr(dataset, needed):
+            raise DatasetError(spec, f"the dataset class lacks {needed}")
+    if not isinstance(getattr(dataset, "sample_rate", None), (int, float)):
+        raise DatasetError(spec, "the dataset class needs a numeric sample_rate attribute")
+    _MODULE_CACHE[key] = dataset
+    return dataset
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def load_track(ref: TrackRef, sample_rate: int, resample: bool = False) -> Track:
+    """Decode one track; every stream is checked for rate, length, emptiness and finiteness."""
+    if ref.kind == "module":
+        return _load_module_track(ref, sample_rate, resample)
+    if "stems" in ref.files:
+        path = ref.files["stems"]
+        stems, rate = audio.read_stems(path)
+        if len(stems) < len(ref.stem_order):
+            raise AudioError(path, f"has {len(stems)} streams, expected {len(ref.stem_order)} (mixture + sources)")
+        streams = {role: audio.to_stereo(stems[i], path) for i, role in enumerate(ref.stem_order)}
+        rates = {role: rate for role in streams}
+        inputs = [path]
+    else:
+        streams, rates = {}, {}
+        for role, path in ref.files.items():
+            streams[role], rates[role] = audio.read(path)
+        inputs = list(dict.fromkeys(ref.files.values()))
+    for role, rate in rates.items():
+        if rate != sample_rate:
+            if not resample:
+                raise AudioError(ref.files.get(role, ref.files.get("stems")), f"sample rate {rate} Hz, expected {sample_rate} Hz (pass --resample to convert)")
+            streams[role] = audio.resample(streams[role], rate, sample_rate)
+    _check_lengths(ref, streams)
+    mixture = streams.pop("mixture", None)
+    return Track(name=ref.name, sample_rate=sample_rate, sources=streams, mixture=mixture, inputs=inputs)
+
+
+def _check_lengths(ref: TrackRef, streams: dict[str, np.ndarray]) -> None:
+    lengths = {role: a.shape[-1] for role, a in streams.items()}
+    if len(set(lengths.values())) > 1:
+        where = ref.files.get("stems") or str(Path(next(iter(ref.files.values()))).parent)
+        detail = ", ".join(f"{r} {n}" for r, n in lengths.items())
+        raise DatasetError(where, f"track {ref.name!r}: stems have different lengths ({detail} samples)")
+
+
+def _load_module_track(ref: TrackRef, sample_rate: int, resample: bool) -> Track:
+    dataset = instantiate_module(ref.module_spec, json.loads(ref.module_args))
+    where = f"{ref.module_spec}[{ref.index}]"
+    item = dataset[ref.index]
+    if not hasattr(item, "items"):
+        raise DatasetError(where, f"__getitem__ must return a mapping of source name to audio, got {type(item).__name__}")
+    rate = int(dataset.sample_rate)
+    streams = {}
+    for role, value in item.items():
+        array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        array = np.asarray(array, dtype=np.float32)
+        if array.ndim == 1:
+            array = array[None]
+        if array.ndim != 2:
+            raise DatasetError(where, f"{role}: expected (channels, samples), got shape {array.shape}")
+        if array.shape[-1] == 0:
+            raise AudioError(where, f"{role}: no audio samples")
+        if not np.isfinite(array).all():
+            raise AudioError(where, f"{role}: contains NaN or infinite samples")
+        array = audio.to_stereo(array, where)
+        if rate != sample_rate:
+            if not resample:
+                raise AudioError(where, f"sample rate {rate} Hz, expected {sample_rate} Hz (pass --resample to convert)")
+            array = audio.resample(array, rate, sample_rate)
+        streams[role] = array
+    _check_lengths(ref, streams)
+    mixture = streams.pop("mixture", None)
+    if not streams:
+        raise DatasetError(where, "no sources returned")
+    module_file = sys.modules.get(type(dataset).__module__)
+    inputs = [getattr(module_file, "__file__", None) or ref.module_spec]
+    return Track(name=ref.name, sample_rate=sample_rate, sources=streams, mixture=mixture, inputs=inputs)
