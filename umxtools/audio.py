@@ -141,6 +141,7 @@ def _read_ffmpeg(path: Path, start: int, frames: int | None) -> tuple[np.ndarray
             start=start / rate if start else None,
             duration=frames / rate if frames is not None else None,
             dtype=np.float32,
+            ffmpeg_format="s16le",  # as musdb decodes: 16-bit PCM, equal to MUSDB18-HQ's wavs
             always_3d=False,
         )
     except Exception as exc:  # ffmpeg failures surface as several exception types
@@ -160,7 +161,9 @@ def read_stems(path: str | Path) -> tuple[np.ndarray, int]:
     _check_exists(path)
     stempeg = _import_stempeg(path)
     try:
-        stems, rate = stempeg.read_stems(str(path), dtype=np.float32, always_3d=True)
+        # 16-bit PCM as musdb asks ffmpeg for: the samples then equal MUSDB18-HQ's wavs exactly
+        # (with float output ffmpeg keeps the AAC decoder's unquantised floats)
+        stems, rate = stempeg.read_stems(str(path), dtype=np.float32, always_3d=True, ffmpeg_format="s16le")
     except Exception as exc:  # ffmpeg failures surface as several exception types
         raise AudioError(path, f"not readable by ffmpeg ({_first_line(exc)})") from exc
     stems = np.ascontiguousarray(np.asarray(stems, dtype=np.float32).transpose(0, 2, 1))
@@ -224,5 +227,7 @@ def write(path: str | Path, audio: np.ndarray, rate: int, subtype: str = "FLOAT"
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    # libsndfile's own reason, without soundfile's "Error opening 'PATH': " prefix (the path is
+    # already at the start of our message)
+    text = str(getattr(exc, "error_string", "") or exc).strip() or type(exc).__name__
     return text.splitlines()[0][:200]

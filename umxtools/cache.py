@@ -119,10 +119,12 @@ def _provenance(paths: Iterable[str]) -> list[dict]:
 def magnitude_moments(spec: np.ndarray) -> np.ndarray:
     """``(2, bins)`` float64 per-bin mean and M2 (sum of squared deviations) of one track.
 
-    ``spec`` is ``(frames, channels, 2, bins)``. Like open-unmix's ``get_statistics``, the
-    magnitude is averaged over channels first and every frame is one observation.
+    ``spec`` is ``(frames, channels, 2, bins)`` float32. As open-unmix's ``get_statistics``: the
+    float32 magnitude is averaged over channels (in float32, as ``torch.mean``) and every frame is
+    one observation; scikit-learn's StandardScaler then accumulates in float64, as here.
     """
-    mag = np.sqrt(np.square(spec.astype(np.float64)).sum(axis=2)).mean(axis=1)  # (frames, bins)
+    mag = np.sqrt(np.square(spec[:, :, 0]) + np.square(spec[:, :, 1])).mean(axis=1, dtype=np.float32)  # (frames, bins)
+    mag = mag.astype(np.float64)
     mean = mag.mean(axis=0)
     m2 = np.square(mag - mean).sum(axis=0)
     return np.stack([mean, m2])
@@ -154,9 +156,10 @@ def encode_track(ref: TrackRef, index: int, options: CacheOptions) -> dict:
         spec = stft(torch.from_numpy(wave), settings.n_fft, settings.n_hop, center=False, win=win)  # (C, F, T)
         # (T, C, 2, F): an excerpt is one contiguous read and real/imaginary planes keep the
         # loader's magnitude arithmetic on contiguous rows (3x faster than complex abs here)
-        spec = torch.stack([spec.real, spec.imag], dim=2).permute(3, 0, 2, 1).contiguous().numpy()
-        payload["moments"][role] = magnitude_moments(spec)
-        payload["stft"][role] = spec.astype(options.dtype)
+        spec = torch.stack([spec.real, spec.imag], dim=2).permute(3, 0, 2, 1).contiguous()
+        payload["moments"][role] = magnitude_moments(spec.numpy())
+        # torch's float16 rounding (to nearest even, as numpy's) is 30x faster than astype here
+        payload["stft"][role] = spec.to(getattr(torch, options.dtype)).numpy()
         if options.waveforms:
             payload["wave"][role] = np.ascontiguousarray(wave, dtype=np.float32)
     return payload

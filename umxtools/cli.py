@@ -257,8 +257,8 @@ def cache_check(file: Path) -> None:
     from umxtools.errors import CacheError  # noqa: PLC0415
 
     problems = check_cache(file)
-    for p in problems:
-        click.echo(f"{file}: {p}", err=True)
+    for p in problems:  # the report itself, on stdout; the verdict is the error line
+        click.echo(f"{file}: {p}")
     if problems:
         raise CacheError(file, f"{len(problems)} problem(s) found")
     click.echo(str(file))

@@ -1,0 +1,86 @@
+"""Shared fixtures: a small seeded toy dataset and its cache, the shared real sample, a CLI runner."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from umxtools import cli
+from umxtools.cache import CacheOptions, build_cache
+from umxtools.datasets import MUSDB_SOURCES, musdb_tracks
+from umxtools.toy import make_toy_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SAMPLE = SHARED / "data" / "musdb-sample"
+COMPAT = SHARED / "fixtures" / "openunmix-compat"
+SUPPORT = Path(__file__).resolve().parent / "support"
+
+
+def need_shared(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared material {path} is absent (it lives in ../shared beside the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory) -> Path:
+    """4 train + 2 test tracks of 8 s (toy_000..toy_005), seed 0."""
+    root = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(root, tracks=4, seconds=8.0, seed=0, test_tracks=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def toy_cache(toy_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "toy-train.h5"
+    refs = musdb_tracks(toy_root, is_wav=True, subsets="train", split=None)
+    return build_cache(refs, out, list(MUSDB_SOURCES), CacheOptions(), meta={"kind": "musdb", "additive": True})
+
+
+@pytest.fixture
+def toy_copy(toy_root, tmp_path) -> Path:
+    """A private copy of the toy dataset that a test may damage."""
+    dst = tmp_path / "toy"
+    shutil.copytree(toy_root, dst)
+    return dst
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """Run ``umxtools ARGS`` in-process through ``cli.main`` (error formatting included)."""
+
+    def run(*args: str) -> Result:
+        monkeypatch.setattr(sys, "argv", ["umxtools", *map(str, args)])
+        cli._State.debug = False
+        capsys.readouterr()
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def error_line(result: Result) -> str:
+    """The single stderr line of a failed command (asserts it is a single umxtools error line)."""
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert result.code != 0, result
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith("umxtools: error: "), lines[0]
+    assert "Traceback" not in result.err
+    return lines[0]
