@@ -417,7 +417,7 @@ def make_loader(dataset: _CacheDataset, batch_size: int = 16, shuffle: bool = Tr
     """A DataLoader that assembles whole batches in the workers (the fast path).
 
     Batches are ``(x, y)`` with the shapes in the module docstring. Call
-    ``loader.batch_sampler.set_epoch(e)`` before each epoch for new excerpts and a new order.
+    ``loader.sampler.set_epoch(e)`` before each epoch for new excerpts and a new order.
     """
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last, rank, world_size)
     return torch.utils.data.DataLoader(
