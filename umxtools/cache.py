@@ -72,6 +72,8 @@ class CacheOptions:
             raise UsageError(None, f"unknown compression {self.compression!r}; one of {', '.join(COMPRESSIONS)}")
         if self.chunk_frames < 1:
             raise UsageError(None, "chunk frames must be at least 1")
+        if self.settings.center:
+            raise UsageError(None, "caches store open-unmix's training STFT, center=False")
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,8 @@ def _progress(description: str, quiet: bool):
         yield None
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=False) as bar:
+    # transient: the bar leaves no line behind, so an error stays the only line on stderr
+    with Progress(*columns, console=stderr, transient=True) as bar:
         task = bar.add_task(description, total=None)
 
         def update(event: str, n: int) -> None:
@@ -211,15 +212,7 @@ def cache_module(spec: str, args: tuple[str, ...], **kw) -> None:
             kwargs[key] = json.loads(value)
         except ValueError:
             kwargs[key] = value
-    refs = module_tracks(spec, kwargs)
-    from umxtools.datasets import instantiate_module  # noqa: PLC0415
-
-    dataset = instantiate_module(spec, kwargs)
-    sources = list(getattr(dataset, "sources", None) or [])
-    if not sources:
-        from umxtools.datasets import load_track  # noqa: PLC0415
-
-        sources = list(load_track(refs[0], int(dataset.sample_rate)).sources)
+    refs, sources = module_tracks(spec, kwargs)
     meta = {"kind": "module", "spec": spec, "args": kwargs, "additive": True}
     _build(refs, sources, meta, **kw)
 

@@ -14,6 +14,7 @@ Audio shapes: ``(channels, samples)``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from umxtools import audio
-from umxtools.errors import AudioError, DatasetError, UsageError
+from umxtools.errors import AudioError, DatasetError, UmxError, UsageError
 
 MUSDB_SOURCES = ("vocals", "drums", "bass", "other")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3", ".mp4", ".m4a")
@@ -192,20 +193,32 @@ def _trackfolder(root: Path, sources: list[str] | None, mixture_file: str, varia
     return refs
 
 
-def module_tracks(spec: str, args: dict[str, Any]) -> list[TrackRef]:
+def module_tracks(spec: str, args: dict[str, Any]) -> tuple[list[TrackRef], list[str]]:
     """Tracks of a user's dataset class ``MODULE:CLASS`` (or ``path/to/file.py:CLASS``).
 
     The contract (the pattern of open-unmix's TemplateDataset), see ``examples/template_dataset.py``:
     ``CLASS(**args)`` has ``sample_rate`` (int), ``__len__`` and ``__getitem__(index)`` returning a
     mapping from source name to audio of shape ``(channels, samples)`` (numpy or torch), optionally
-    with a ``"mixture"`` entry; an optional ``track_name(index)`` names the tracks.
+    with a ``"mixture"`` entry; an optional ``track_name(index)`` names the tracks and an optional
+    ``sources`` list names the sources (else those of the first item).
+
+    Returns the tracks and the source names.
     """
     dataset = instantiate_module(spec, args)
-    names = [_module_track_name(dataset, i) for i in range(len(dataset))]
+    try:
+        count = len(dataset)
+        names = [_module_track_name(dataset, i) for i in range(count)]
+    except Exception as exc:  # noqa: BLE001  (user code)
+        raise DatasetError(spec, f"listing tracks failed: {type(exc).__name__}: {audio._first_line(exc)}") from exc
     if not names:
         raise DatasetError(spec, "the dataset has no items (len() is 0)")
     blob = json.dumps(args, sort_keys=True)
-    return [TrackRef(name=n, kind="module", module_spec=spec, module_args=blob, index=i) for i, n in enumerate(names)]
+    refs = [TrackRef(name=n, kind="module", module_spec=spec, module_args=blob, index=i) for i, n in enumerate(names)]
+    sources = getattr(dataset, "sources", None)
+    if not sources:
+        first = module_item(dataset, spec, 0)
+        sources = [k for k in (first.keys() if hasattr(first, "keys") else []) if k != "mixture"]
+    return refs, list(sources)
 
 
 def _module_track_name(dataset, index: int) -> str:
@@ -218,40 +231,78 @@ _MODULE_CACHE: dict[tuple[str, str], Any] = {}
 
 
 def instantiate_module(spec: str, args: dict[str, Any]):
-    """Import ``MODULE:CLASS`` and build it with ``args``; cached per process for decode workers."""
+    """Import ``MODULE:CLASS`` and build it with ``args``; cached per process for decode workers.
+
+    The user's code is a boundary: whatever it raises (a syntax error, a missing file in its
+    constructor) becomes a :class:`DatasetError` naming the spec and the exception.
+    """
     key = (spec, json.dumps(args, sort_keys=True))
     if key in _MODULE_CACHE:
         return _MODULE_CACHE[key]
     if ":" not in spec:
         raise UsageError(None, f"{spec!r} is not MODULE:CLASS")
     module_name, class_name = spec.rsplit(":", 1)
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.exists():
-                raise DatasetError(path, "no such file")
-            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(loader_spec)
-            sys.modules[path.stem] = module
-            loader_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise DatasetError(module_name, f"cannot import ({exc})") from exc
+    module = _import_user_module(module_name)
     cls = getattr(module, class_name, None)
     if cls is None:
         raise DatasetError(module_name, f"has no class {class_name!r}")
     try:
         dataset = cls(**args)
+    except UmxError:
+        raise
     except TypeError as exc:
         raise DatasetError(spec, f"cannot construct with {args} ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001  (user code: any failure is reported, not a traceback)
+        raise DatasetError(spec, f"constructor failed: {type(exc).__name__}: {audio._first_line(exc)}") from exc
     for needed in ("__len__", "__getitem__"):
         if not hasattr(dataset, needed):
             raise DatasetError(spec, f"the dataset class lacks {needed}")
-    if not isinstance(getattr(dataset, "sample_rate", None), (int, float)):
-        raise DatasetError(spec, "the dataset class needs a numeric sample_rate attribute")
+    rate = getattr(dataset, "sample_rate", None)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate != int(rate) or rate <= 0:
+        raise DatasetError(spec, f"the dataset class needs a positive integer sample_rate attribute, has {rate!r}")
+    sources = getattr(dataset, "sources", None)
+    if sources is not None and (isinstance(sources, str) or not all(isinstance(x, str) for x in sources)):
+        raise DatasetError(spec, f"sources must be a list of names, got {sources!r}")
     _MODULE_CACHE[key] = dataset
     return dataset
+
+
+def _import_user_module(module_name: str):
+    try:
+        if not module_name.endswith(".py"):
+            return importlib.import_module(module_name)
+        path = Path(module_name).resolve()
+        if not path.exists():
+            raise DatasetError(module_name, "no such file")
+        # a private module name: a user file called musdb.py must not replace the real musdb
+        unique = f"umxtools_user_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}_{path.stem}"
+        if unique in sys.modules:
+            return sys.modules[unique]
+        loader_spec = importlib.util.spec_from_file_location(unique, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[unique] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[unique]
+            raise
+        return module
+    except UmxError:
+        raise
+    except ImportError as exc:
+        raise DatasetError(module_name, f"cannot import ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001  (a syntax or runtime error in the user's module)
+        raise DatasetError(module_name, f"cannot import ({type(exc).__name__}: {audio._first_line(exc)})") from exc
+
+
+def module_item(dataset, spec: str, index: int):
+    """``dataset[index]``, with any failure of the user's code reported as a DatasetError."""
+    try:
+        return dataset[index]
+    except UmxError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (user code)
+        raise DatasetError(f"{spec}[{index}]", f"__getitem__ failed: {type(exc).__name__}: {audio._first_line(exc)}") from exc
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -295,12 +346,15 @@ def _check_lengths(ref: TrackRef, streams: dict[str, np.ndarray]) -> None:
 def _load_module_track(ref: TrackRef, sample_rate: int, resample: bool) -> Track:
     dataset = instantiate_module(ref.module_spec, json.loads(ref.module_args))
     where = f"{ref.module_spec}[{ref.index}]"
-    item = dataset[ref.index]
+    item = module_item(dataset, ref.module_spec, ref.index)
     if not hasattr(item, "items"):
         raise DatasetError(where, f"__getitem__ must return a mapping of source name to audio, got {type(item).__name__}")
     rate = int(dataset.sample_rate)
+    declared = getattr(dataset, "sources", None)
     streams = {}
     for role, value in item.items():
+        if declared and role != "mixture" and role not in declared:
+            raise DatasetError(where, f"returned source {role!r}, not in the class's sources {list(declared)}")
         array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
         array = np.asarray(array, dtype=np.float32)
         if array.ndim == 1:
@@ -321,6 +375,9 @@ def _load_module_track(ref: TrackRef, sample_rate: int, resample: bool) -> Track
     mixture = streams.pop("mixture", None)
     if not streams:
         raise DatasetError(where, "no sources returned")
-    module_file = sys.modules.get(type(dataset).__module__)
-    inputs = [getattr(module_file, "__file__", None) or ref.module_spec]
+    # provenance: the module's file (the data it reads is the class's business; see the docs)
+    module_file = ref.module_spec.rsplit(":", 1)[0]
+    if not module_file.endswith(".py"):
+        module_file = getattr(sys.modules.get(module_file), "__file__", None) or module_file
+    inputs = [module_file]
     return Track(name=ref.name, sample_rate=sample_rate, sources=streams, mixture=mixture, inputs=inputs)

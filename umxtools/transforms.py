@@ -11,9 +11,12 @@ Shapes: audio ``(..., samples)``; complex spectrograms ``(..., bins, frames)`` w
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # open-unmix's defaults (train.py: --nfft 4096 --nhop 1024; MUSDB18 is 44.1 kHz)
 N_FFT = 4096
@@ -51,9 +54,18 @@ def nb_frames(nb_samples: int, n_fft: int = N_FFT, n_hop: int = N_HOP, center: b
     return 1 + (nb_samples - n_fft) // n_hop
 
 
-def window(n_fft: int = N_FFT, device: torch.device | str | None = None, dtype=torch.float32) -> torch.Tensor:
+def _torch():
+    # imported on first use: the settings and bin arithmetic here serve `umxtools --help`, cache
+    # metadata and the CLI, which should not pay torch's 1.5 s import
+    import torch  # noqa: PLC0415
+
+    return torch
+
+
+def window(n_fft: int = N_FFT, device: "torch.device | str | None" = None, dtype=None) -> torch.Tensor:
     """Periodic Hann window, what ``torch.hann_window(n_fft)`` (open-unmix's window) returns."""
-    return torch.hann_window(n_fft, periodic=True, device=device, dtype=dtype)
+    torch = _torch()
+    return torch.hann_window(n_fft, periodic=True, device=device, dtype=dtype or torch.float32)
 
 
 def stft(
@@ -64,6 +76,7 @@ def stft(
     win: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Complex STFT of ``(..., samples)`` audio -> ``(..., bins, frames)`` complex."""
+    torch = _torch()
     *lead, nb_samples = audio.shape
     if win is None:
         win = window(n_fft, device=audio.device, dtype=audio.dtype)
@@ -90,6 +103,7 @@ def istft(
     win: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse of :func:`stft`: ``(..., bins, frames)`` complex -> ``(..., samples)``."""
+    torch = _torch()
     *lead, nb_bins, frames = spec.shape
     if win is None:
         win = window(n_fft, device=spec.device, dtype=spec.real.dtype)
@@ -110,7 +124,7 @@ def magnitude(spec: torch.Tensor) -> torch.Tensor:
     """``|X|`` of a complex spectrogram, or of a real one whose last axis is (real, imag)."""
     if spec.is_complex():
         return spec.abs()
-    return torch.linalg.vector_norm(spec, dim=-1)
+    return _torch().linalg.vector_norm(spec, dim=-1)
 
 
 def bandwidth_to_max_bin(rate: float, n_fft: int, bandwidth: float) -> int:
