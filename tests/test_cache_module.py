@@ -268,3 +268,25 @@ def test_python_dash_m_reports_one_line(tmp_path: Path, bad_module: Path) -> Non
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [f"umxtools: error: {bad_module}:NaNDataset[0]: vocals: contains NaN or infinite samples"]
+
+
+def test_failures_inside_user_code_are_one_line(run_cli, tmp_path: Path) -> None:
+    """Whatever the user's module raises is reported with the spec, never as a traceback."""
+    broken = tmp_path / "musdb.py"  # named like a real package: must not shadow it
+    broken.write_text("def oops(:\n")
+    r = run_cli("cache", "module", f"{broken}:X", "-o", tmp_path / "a.h5")
+    assert error_line(r).startswith(f"umxtools: error: {broken}: cannot import (SyntaxError: ")
+    import musdb
+
+    assert hasattr(musdb, "DB")
+    raising = tmp_path / "raising.py"
+    raising.write_text(
+        "class Ctor:\n    sample_rate = 44100\n    def __init__(self):\n        open('/nonexistent/file')\n"
+        "class Item:\n    sample_rate = 44100\n    def __len__(self):\n        return 1\n"
+        "    def __getitem__(self, i):\n        raise KeyError('boom')\n"
+    )
+    r = run_cli("cache", "module", f"{raising}:Ctor", "-o", tmp_path / "b.h5")
+    assert error_line(r).startswith(f"umxtools: error: {raising}:Ctor: constructor failed: FileNotFoundError: ")
+    r = run_cli("cache", "module", f"{raising}:Item", "-o", tmp_path / "c.h5")
+    assert error_line(r) == f"umxtools: error: {raising}:Item[0]: __getitem__ failed: KeyError: 'boom'"
+    assert not any(tmp_path.glob("*.h5"))
