@@ -9,7 +9,8 @@ import torch
 
 from umxtools.cache import open_cache
 from umxtools.errors import CacheError, UsageError
-from umxtools.loaders import IndexDataset, RandomDataset, make_loader
+from umxtools.batching import CacheLoader
+from umxtools.loaders import IndexDataset, RandomDataset
 
 HOP = 1024
 
@@ -107,13 +108,13 @@ def test_same_seed_same_batches_with_any_workers(toy_cache):
     ds = RandomDataset(toy_cache, "vocals", seq_dur=1.0, samples_per_track=4, seed=5)
     runs = []
     for workers in (0, 2):
-        loader = make_loader(ds, batch_size=3, num_workers=workers, seed=11)
+        loader = CacheLoader(ds, batch_size=3, num_workers=workers, seed=11)
         loader.sampler.set_epoch(1)
         runs.append([b for b in loader])
     assert len(runs[0]) == 6 and runs[0][0][0].shape == (3, 2, 2049, 40)
     for (xa, ya), (xb, yb) in zip(*runs):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    loader = make_loader(ds, batch_size=3, num_workers=0, seed=11)
+    loader = CacheLoader(ds, batch_size=3, num_workers=0, seed=11)
     loader.sampler.set_epoch(2)
     assert not torch.equal(next(iter(loader))[0], runs[0][0][0])  # a new epoch draws new excerpts
     # the plain per-sample path gives the same samples as the batched one
@@ -125,7 +126,7 @@ def test_same_seed_same_batches_with_any_workers(toy_cache):
 
 def test_distributed_ranks_draw_disjoint_samples(toy_cache):
     ds = RandomDataset(toy_cache, "vocals", seq_dur=1.0, samples_per_track=4)
-    shares = [set(i for _, batch in make_loader(ds, batch_size=4, rank=r, world_size=2).sampler for i in batch)
+    shares = [set(i for _, batch in CacheLoader(ds, batch_size=4, rank=r, world_size=2).sampler for i in batch)
               for r in (0, 1)]
     assert not shares[0] & shares[1] and len(shares[0] | shares[1]) == len(ds)
 
