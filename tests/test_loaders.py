@@ -141,3 +141,32 @@ def test_too_short_excerpts_and_missing_waveforms(toy_cache, toy_root, tmp_path)
     out = build_cache(refs, tmp_path / "nw.h5", list(MUSDB_SOURCES), CacheOptions(waveforms=False), meta={"kind": "musdb"})
     with pytest.raises(CacheError, match="holds no waveforms"):
         RandomDataset(out, output="waveform")
+
+
+def test_cache_loader_never_overwrites_a_batch_still_held(toy_cache):
+    ds = RandomDataset(toy_cache, "vocals", seq_dur=1.0, samples_per_track=6, seed=2)
+    for workers in (0, 2):
+        loader = CacheLoader(ds, batch_size=4, num_workers=workers, seed=1)
+        kept = []
+        for i, (x, y) in enumerate(loader):
+            if i % 2 == 0:
+                kept.append((i, x, y))  # hold every other batch while the ring keeps cycling
+        assert len(kept) == 3
+        for i, x, y in kept:
+            _, indices = list(loader.sampler)[i]
+            ds.set_epoch(0)
+            ref_x, ref_y = ds.get_batch(list(indices))
+            assert torch.equal(x, ref_x) and torch.equal(y, ref_y)
+
+
+def test_cache_loader_reports_worker_errors(toy_cache):
+    from umxtools.errors import CacheError as Err
+
+    ds = RandomDataset(toy_cache, "vocals", seq_dur=1.0, samples_per_track=2)
+
+    def broken(index):
+        raise Err(toy_cache, f"damaged track at sample {index}")
+
+    ds._sample = broken  # inherited by the forked workers
+    with pytest.raises(Err, match="damaged track at sample"):
+        next(iter(CacheLoader(ds, batch_size=2, num_workers=2)))
