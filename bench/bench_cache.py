@@ -8,7 +8,8 @@ a pair is the magnitude spectrogram of a training mixture ``x`` and of its targe
   random track mix) through a DataLoader with 0 workers, then its STFT and ``ComplexNorm`` on
   ``x`` and ``y``: what ``openunmix/train.py`` does every step.
 - cache: ``umxtools cache musdb`` builds an HDF5 cache once (timed), then ``RandomDataset`` (the
-  same sampling semantics, drawn in the STFT domain) through ``make_loader`` with 0 and 2 workers.
+  same sampling semantics, drawn in the STFT domain) through umxtools' batch loader
+  (``batching.CacheLoader``) with 0 and 2 workers.
 
 Each timing is repeated; the JSON written to ``--out`` holds every run, the medians and the ratio
 of each cache configuration to the baseline measured in the same run. See bench/README.md.
@@ -36,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 import umxtools
-from umxtools.loaders import RandomDataset, make_loader
+from umxtools.loaders import RandomDataset
 from umxtools.toy import make_toy_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,24 +225,34 @@ def bench_build(root: Path, out: Path, repeats: int) -> dict:
             "dtype": info["dtype"], "compression": info["compression"], "waveforms": info["waveforms"]}
 
 
+def cache_loader(dataset: RandomDataset, batch_size: int, num_workers: int) -> tuple[object, str]:
+    """umxtools' fast loader (shared-memory buffer ring) and its name, recorded in the JSON."""
+    from umxtools.batching import CacheLoader  # noqa: PLC0415
+
+    return CacheLoader(dataset, batch_size=batch_size, num_workers=num_workers), "umxtools.batching.CacheLoader"
+
+
 def bench_cache_loader(cache: Path, num_workers: int, nb_pairs: int, repeats: int, batch_size: int) -> dict:
-    """Pairs/s of ``RandomDataset`` through ``make_loader`` (magnitudes come out of the loader)."""
+    """Pairs/s of ``RandomDataset`` through umxtools' loader (magnitudes come out of the loader)."""
     dataset = RandomDataset(cache, TARGET, seq_dur=SEQ_DUR, samples_per_track=SAMPLES_PER_TRACK, random_track_mix=True,
                             gain=GAIN, channel_swap=True, seed=SEED)
-    loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers)
+    loader, name = cache_loader(dataset, batch_size, num_workers)
     runs = []
     for r in range(repeats):
-        # a new epoch per repeat: other excerpts, so no repeat re-reads the same chunks; the
-        # skipped first batch takes the worker start-up (persistent workers: the first repeat's)
-        # make_loader passes its EpochBatchSampler as ``sampler`` (batch_size=None): ``loader.batch_sampler`` is None
+        # a new epoch per repeat: other excerpts, so no repeat re-reads the same chunks.
+        # Warm-up: the first batch takes the worker start-up; with W workers the first W batches
+        # are assembled side by side and arrive together, so timing from the first would count
+        # W - 1 batches as free. From the W-th on, the pipeline is in its steady state.
         batches = endless(loader, loader.sampler.set_epoch, first_epoch=1000 * r)
-        runs.append(time_pairs(batches, nb_pairs, warmup=1))
+        runs.append(time_pairs(batches, nb_pairs, warmup=max(1, num_workers)))
         if r < repeats - 1:
-            batches.close()
+            batches.close()  # stops the loader's iteration (and its workers, where they are per iteration)
     x, y = next(batches)
+    shapes = {"x_shape": list(x.shape), "y_shape": list(y.shape)}
+    del x, y
     batches.close()
-    del batches, loader  # stop the persistent workers before the next configuration starts its own
-    return {"num_workers": num_workers, "x_shape": list(x.shape), "y_shape": list(y.shape), **summarize(runs)}
+    del batches, loader  # stop any persistent workers before the next configuration starts its own
+    return {"loader": name, "num_workers": num_workers, **shapes, **summarize(runs)}
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -268,11 +279,12 @@ def print_summary(result: dict) -> None:
     for column in ("configuration", "median", "runs", "x baseline"):
         table.add_column(column, justify="left" if column == "configuration" else "right")
     b = result["baseline"]
-    table.add_row(f"baseline ({b['kind']})", f"{b['median']:.2f}", ", ".join(f"{r['pairs_per_s']:.2f}" for r in b["runs"]), "1.0")
+    table.add_row("baseline", f"{b['median']:.2f}", ", ".join(f"{r['pairs_per_s']:.2f}" for r in b["runs"]), "1.0")
     for name, c in result["configs"].items():
         table.add_row(name, f"{c['median']:.1f}", ", ".join(f"{r['pairs_per_s']:.1f}" for r in c["runs"]),
                       f"{c['ratio_to_baseline']:.1f}")
     console.print(table)
+    console.print(f"baseline: {b['kind']}" + (f" ({b['fallback_reason']})" if b["fallback_reason"] else ""), highlight=False)
     c = result["cache"]
     console.print(f"cache build: {c['build_s']['median']:.1f} s median (-j {c['build_jobs']}), {c['size_bytes'] / 1e6:.1f} MB "
                   f"for {c['audio_seconds']:.0f} s of audio, {c['gb_per_hour']} GB per hour", highlight=False)

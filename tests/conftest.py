@@ -27,6 +27,28 @@ def need_shared(path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def openunmix(monkeypatch):
+    """The reference package, importable through the torchaudio stand-in in tests/support.
+
+    Skips where openunmix is not installed. The stand-in and openunmix's modules are removed from
+    sys.modules afterwards so that no other test sees a fake torchaudio.
+    """
+    monkeypatch.syspath_prepend(str(SUPPORT))
+    before = set(sys.modules)
+    sys.modules.pop("torchaudio", None)
+    try:
+        import openunmix  # noqa: F401
+        import openunmix.transforms  # noqa: F401
+        import openunmix.utils  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"the reference openunmix package is not importable ({exc})")
+    yield sys.modules["openunmix"]
+    for name in set(sys.modules) - before:
+        if name.split(".")[0] in ("openunmix", "torchaudio"):
+            del sys.modules[name]
+
+
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory) -> Path:
     """4 train + 2 test tracks of 8 s (toy_000..toy_005), seed 0."""

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from umxtools import transforms
-from tests.conftest import SUPPORT
 
 
 def _audio(seconds=1.0, channels=2, batch=3, seed=0):
@@ -77,12 +75,9 @@ def test_bandwidth_to_max_bin():
     assert transforms.bandwidth_to_max_bin(44100, 4096, 0) == 1
 
 
-def test_against_openunmix_package(monkeypatch):
+def test_against_openunmix_package(openunmix):
     """The reference implementation itself, where installed (its torchaudio import is stubbed)."""
-    monkeypatch.syspath_prepend(str(SUPPORT))
-    sys.modules.pop("torchaudio", None)
-    ou_transforms = pytest.importorskip("openunmix.transforms")
-    ou_utils = pytest.importorskip("openunmix.utils")
+    ou_transforms, ou_utils = openunmix.transforms, openunmix.utils
     for bw in (0, 8000, 16000, 20000, 22050):
         assert transforms.bandwidth_to_max_bin(44100.0, 4096, bw) == int(ou_utils.bandwidth_to_max_bin(44100.0, 4096, bw))
     x = _audio()
