@@ -170,3 +170,33 @@ def test_cache_loader_reports_worker_errors(toy_cache):
     ds._sample = broken  # inherited by the forked workers
     with pytest.raises(Err, match="damaged track at sample"):
         next(iter(CacheLoader(ds, batch_size=2, num_workers=2)))
+
+
+@pytest.mark.parametrize("options", [{"compression": "lzf"}, {"compression": "zstd"}, {"chunk_frames": 7}, {"dtype": "float32"}])
+def test_storage_options_give_the_same_samples(toy_root, tmp_path, options):
+    """Filtered chunks go through HDF5's read path, small chunks through many memory-mapped pieces."""
+    from umxtools.cache import CacheOptions, build_cache
+    from umxtools.datasets import MUSDB_SOURCES, musdb_tracks
+
+    refs = musdb_tracks(toy_root, is_wav=True, subsets="test", split=None)
+    meta = {"kind": "musdb", "additive": True}
+    plain = build_cache(refs, tmp_path / "plain.h5", list(MUSDB_SOURCES), meta=meta)
+    other = build_cache(refs, tmp_path / "other.h5", list(MUSDB_SOURCES), CacheOptions(**options), meta=meta)
+    for output in ("magnitude", "waveform"):
+        a = RandomDataset(plain, "vocals", seq_dur=1.5, output=output, seed=4)
+        b = RandomDataset(other, "vocals", seq_dur=1.5, output=output, seed=4)
+        for i in (0, 9):
+            (xa, ya), (xb, yb) = a[i], b[i]
+            if options.get("dtype") == "float32" and output == "magnitude":
+                _close_f16(xa, xb)  # float32 storage is the exact value float16 rounds
+            else:
+                assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_plain_dataloader_workers(toy_cache):
+    """The datasets are ordinary torch datasets: a DataLoader with worker processes works."""
+    ds = IndexDataset(toy_cache, "vocals", seq_dur=2.0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+    batches = list(loader)
+    assert sum(len(x) for x, _ in batches) == len(ds)
+    assert torch.equal(batches[1][0][2], ds[6][0])
