@@ -287,6 +287,16 @@ def test_folder_layouts(run_cli, toy_root, tmp_path):
     assert all(len(t.roles) == 1 for t in meta.tracks)
     from umxtools.loaders import RandomDataset
 
+    # mixture statistics from mixes of the k-th file of every source (the STFT is linear)
+    frames = []
+    for t in ("toy_000", "toy_001", "toy_003"):
+        wave = sum(torch.from_numpy(_wav(toy_root / "train" / t / f"{s}.wav")) for s in ("vocals", "drums"))
+        spec = torch.stft(wave, 4096, 1024, window=torch.hann_window(4096), center=False, return_complex=True)
+        frames.append(spec.abs().mean(0).T.double().numpy())
+    frames = np.concatenate(frames)
+    mean, std = open_cache(sfc).statistics("mixture")
+    np.testing.assert_allclose(mean, frames.mean(0), rtol=2e-3, atol=1e-3)  # from float16-stored STFTs
+    np.testing.assert_allclose(std, np.maximum(frames.std(0), 1e-4 * frames.std(0).max()), rtol=2e-3, atol=1e-3)
     ds = RandomDataset(sfc, "vocals", seq_dur=2.0, samples_per_track=2)
     assert {d.source for d in ds.draws(0)} == {"drums", "vocals"}
     assert ds[0][0].shape == (2, 2049, 83)

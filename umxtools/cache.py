@@ -394,6 +394,8 @@ def _assemble(out: Path, parts: list[Path], attrs: dict, force: bool) -> None:
                     nb_channels = g["stft"][next(iter(g["stft"]))].shape[1]
             f.attrs["nb_tracks"] = len(parts)
             f.attrs["nb_channels"] = nb_channels
+            if MIXTURE not in moments:
+                moments[MIXTURE], counts[MIXTURE] = _mix_moments(tracks, json.loads(attrs["sources"]))
             for role in moments:
                 mean, std, count = combine_moments(moments[role], counts[role])
                 f.create_dataset(f"stats/{role}/mean", data=mean)
@@ -406,6 +408,29 @@ def _assemble(out: Path, parts: list[Path], attrs: dict, force: bool) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _mix_moments(tracks: h5py.Group, sources: list[str]) -> tuple[list[np.ndarray], list[int]]:
+    """Mixture statistics for caches of single-source files (source folders), which hold no mixture.
+
+    As open-unmix's ``get_statistics`` on a SourceFolderDataset, the statistics come from mixes of
+    the sources: mix ``k`` sums the ``k``-th file of every source (cycling through the shorter
+    lists), cropped to the shortest, aligned at the start. The stored STFTs add up to the STFT of
+    the summed waveform (the STFT is linear), in float32 from the stored values.
+    """
+    by_source: dict[str, list[h5py.Group]] = {s: [] for s in sources}
+    for key in tracks:
+        for role in json.loads(tracks[key].attrs["roles"]):
+            by_source.setdefault(role, []).append(tracks[key])
+    lists = [groups for groups in by_source.values() if groups]
+    moments, counts = [], []
+    for k in range(max(len(groups) for groups in lists)):
+        chosen = [(groups[k % len(groups)], role) for role, groups in by_source.items() if groups]
+        frames = min(int(g.attrs["nb_frames"]) for g, _ in chosen)
+        mix = sum(g[f"stft/{role}"][:frames].astype(np.float32) for g, role in chosen)
+        moments.append(magnitude_moments(mix))
+        counts.append(frames)
+    return moments, counts
 
 
 def combine_moments(moments: list[np.ndarray], counts: list[int]) -> tuple[np.ndarray, np.ndarray, int]:
