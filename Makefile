@@ -20,7 +20,7 @@ VALID     ?= toy_006,toy_007
 
 UMX = $(PYTHON) -m umxtools
 
-.PHONY: install demo test bench data clean-data
+.PHONY: install slurm demo test bench data clean-data
 
 install:
 	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || \
@@ -32,7 +32,11 @@ install:
 	@$(PYTHON) -c "import importlib.metadata as m; m.version('openunmix')" 2>/dev/null || \
 		$(PIP) install -q --no-deps "openunmix==$(OPENUNMIX_VERSION)"
 
-test: install
+# a one-node Slurm cluster for the cluster tests; where it cannot start they skip and say why
+slurm:
+	-@bin/slurm-local start
+
+test: install slurm
 	$(PYTHON) -m pytest -q
 
 bench: install
