@@ -162,40 +162,30 @@ class CacheLoader:
         for w in workers:
             w.start()
         try:
-            pending = iter(enumerate(self.sampler))
+            pending = enumerate(self.sampler)  # (seq, (epoch, indices)), dispatched in order
             inflight: dict[int, tuple[int, int]] = {}  # seq -> (buffer, items)
             done: dict[int, BaseException | None] = {}
-            own: dict[int, tuple] = {}  # batches built here when no buffer was free
             next_seq = 0
-            exhausted = False
             while True:
-                while not exhausted and len(inflight) < 2 * self.num_workers:
-                    k = ring.take()
-                    if k is None:
-                        break
+                while len(inflight) < 2 * self.num_workers and (k := ring.take()) is not None:
                     item = next(pending, None)
                     if item is None:
                         ring.busy.discard(k)
-                        exhausted = True
                         break
                     seq, (epoch, indices) = item
                     inflight[seq] = (k, len(indices))
                     tasks.put((seq, epoch, indices, k))
-                if next_seq not in inflight and not exhausted and not inflight:
-                    # the consumer holds every buffer and nothing is in flight: build it here
+                if next_seq not in inflight:
+                    # dispatching is in order, so nothing is in flight: either the epoch is over or
+                    # the consumer holds every buffer, and this batch is built here in new memory
                     item = next(pending, None)
                     if item is None:
-                        exhausted = True
-                    else:
-                        seq, (epoch, indices) = item
-                        self._set_epoch(epoch)
-                        own[seq] = self.dataset.get_batch(list(indices))
-                if next_seq in own:
-                    yield own.pop(next_seq)
+                        return
+                    _, (epoch, indices) = item
+                    self._set_epoch(epoch)
                     next_seq += 1
+                    yield self.dataset.get_batch(list(indices))
                     continue
-                if next_seq not in inflight:
-                    return
                 while next_seq not in done:
                     try:
                         seq, error = results.get(timeout=5.0)
