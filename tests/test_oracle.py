@@ -1,0 +1,150 @@
+"""Oracle baselines: the definitions on analytic signals, the estimates folder, and their scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.conftest import error_line
+from umxtools.evaluation import evaluate_estimates, read_scores
+from umxtools.oracle import MANIFEST, METHODS, oracle_estimates, write_oracle
+from umxtools.references import FolderReferences
+from umxtools.toy import make_toy_dataset
+
+RATE = 44100
+
+
+def _snr(reference: np.ndarray, estimate: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(reference**2) / np.sum((reference - estimate) ** 2)))
+
+
+@pytest.fixture(scope="module")
+def noise_sources() -> dict[str, np.ndarray]:
+    """Two white noises, each panned to its own stereo direction, plus a little diffuse noise.
+
+    The diffuse part keeps each spatial covariance full rank, as the local Gaussian model assumes
+    (a perfectly panned source has a singular R_j, which the reference's PSD refinement inverts).
+    Shapes ``(2, samples)``.
+    """
+    rng = np.random.default_rng(0)
+    n1, n2, *diffuse = rng.standard_normal((6, RATE)) * 0.1
+    d = 0.03 * np.array(diffuse)
+    return {"vocals": np.stack([n1 + d[0], 0.3 * n1 + d[1]]), "drums": np.stack([0.2 * n2 + d[2], n2 + d[3]])}
+
+
+def test_mix_is_the_mixture_over_the_number_of_sources(noise_sources):
+    mixture = sum(noise_sources.values())
+    est = oracle_estimates("mix", mixture, noise_sources)
+    assert set(est) == {"vocals", "drums", "accompaniment"}
+    np.testing.assert_array_equal(est["vocals"], mixture / 2)
+    np.testing.assert_array_equal(est["accompaniment"], est["drums"])  # the sum of every source but vocals
+
+
+# Ratio masks sum to P/(eps + P); Wiener gains to Cxx/(eps + det Cxx)-scaled inverses: eps is
+# not negligible next to det Cxx, since scipy's STFT divides by the window sum (powers ~1e-5 here).
+@pytest.mark.parametrize(("method", "tolerance"), [("irm1", 1e-9), ("irm2", 1e-9), ("mwf", 1e-3)])
+def test_soft_masks_and_wiener_gains_sum_to_the_mixture(method, tolerance, noise_sources):
+    mixture = sum(noise_sources.values())
+    est = oracle_estimates(method, mixture, noise_sources)
+    for name, audio in est.items():
+        assert audio.shape == mixture.shape, name
+    residual = mixture - est["vocals"] - est["drums"]
+    assert np.max(np.abs(residual)) < tolerance * np.max(np.abs(mixture))
+
+
+def test_mwf_separates_panned_noises_that_masks_cannot(noise_sources):
+    """Same white spectra, different directions: only the multichannel filter tells them apart."""
+    mixture = sum(noise_sources.values())
+    snr = {m: _snr(noise_sources["vocals"], oracle_estimates(m, mixture, noise_sources)["vocals"]) for m in ("irm2", "ibm", "mwf")}
+    assert snr["mwf"] > 20 and snr["mwf"] > snr["irm2"] + 10, snr  # 26 dB vs 11 dB here
+    assert snr["irm2"] < 12 and snr["ibm"] < 12, snr
+
+
+def test_ibm_splits_disjoint_spectra():
+    t = np.arange(RATE) / RATE
+    low = np.tile(0.3 * np.sin(2 * np.pi * 220 * t), (2, 1))
+    high = np.tile(0.3 * np.sin(2 * np.pi * 6000 * t), (2, 1))
+    est = oracle_estimates("ibm", low + high, {"bass": low, "other": high})
+    assert "accompaniment" not in est  # no vocals: no accompaniment
+    assert _snr(low, est["bass"]) > 30 and _snr(high, est["other"]) > 30
+
+
+def test_unknown_method():
+    from umxtools.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown oracle method 'irm3'; one of mix, irm1, irm2, ibm, mwf"):
+        oracle_estimates("irm3", np.zeros((2, 10)), {"vocals": np.zeros((2, 10))})
+
+
+# --- on the toy dataset ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("oracletoy")
+    make_toy_dataset(root, tracks=1, seconds=2.0, seed=7, test_tracks=2)
+    return root
+
+
+def test_oracle_writes_an_estimates_folder(toy, tmp_path, run_cli):
+    out = tmp_path / "ibm"
+    # the train subset: one track, musdb's ffmpeg decoding costs about 0.2 s per stream
+    result = run_cli("oracle", toy, "--is-wav", "--subset", "train", "--method", "ibm", "-o", out, "-q")
+    assert result.code == 0, result.err
+    assert result.out.strip() == str(out)
+    assert [p.name for p in (out / "train").iterdir()] == ["toy_000"]
+    files = sorted(p.name for p in (out / "train" / "toy_000").iterdir())
+    assert files == ["accompaniment.wav", "bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+    info = sf.info(out / "train" / "toy_000" / "vocals.wav")
+    assert (info.samplerate, info.channels, info.frames, info.subtype) == (RATE, 2, 2 * RATE, "FLOAT")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["method"] == "ibm" and manifest["references"]["subset"] == "train"
+
+    line = error_line(run_cli("oracle", toy, "--is-wav", "--subset", "train", "--method", "mwf", "-o", out))
+    assert line == f"umxtools: error: {out}: holds ibm estimates of {toy.resolve()}; write into another folder or pass --force"
+    folder = run_cli("oracle", toy / "test", "--folder", "--method", "mix", "--targets", "vocals,accompaniment", "-o", tmp_path / "mix", "-q")
+    assert folder.code == 0, folder.err
+    assert sorted(p.name for p in (tmp_path / "mix" / "toy_002").iterdir()) == ["accompaniment.wav", "vocals.wav"]
+
+
+def test_irm_scores_far_above_the_mixture(toy, tmp_path, run_cli):
+    """The sanity check of the whole chain: oracle -> eval -> report, with numbers.
+
+    On the toy test tracks (2 s, vocals/accompaniment) the power IRM scores about 11 dB vocals
+    SDR and the mixture about 1 dB; the bounds leave room for other seeds and BLAS builds.
+    """
+    refs = FolderReferences(str(toy / "test"))  # soundfile reads; musdb would run ffmpeg per stream
+    medians = {}
+    for method in ("irm2", "mix"):
+        write_oracle(refs, method, tmp_path / method, targets=["vocals", "accompaniment"])
+        summary = evaluate_estimates(tmp_path / method, refs, tmp_path / f"scores-{method}")
+        assert summary.scored == ["toy_001", "toy_002"] and not summary.failed
+        for track in summary.scored:
+            doc = read_scores(tmp_path / f"scores-{method}" / f"{track}.json")
+            for t in doc["targets"]:
+                sdr = np.nanmedian([float(f["metrics"]["SDR"]) for f in t["frames"]])
+                medians[method, t["name"], track] = (sdr, doc["umxtools"]["whole_track_sdr"]["values"][t["name"]])
+    for track in ("toy_001", "toy_002"):
+        irm_v, mix_v = medians["irm2", "vocals", track], medians["mix", "vocals", track]
+        irm_a, mix_a = medians["irm2", "accompaniment", track], medians["mix", "accompaniment", track]
+        assert irm_v[0] > 8 and mix_v[0] < 4 and irm_v[0] - mix_v[0] > 6, (irm_v, mix_v)  # BSSEval SDR
+        assert irm_v[1] > 8 and mix_v[1] < 4, (irm_v, mix_v)  # uSDR
+        assert irm_a[0] - mix_a[0] > 5 and irm_a[1] - mix_a[1] > 5, (irm_a, mix_a)
+
+    report = run_cli("report", f"IRM2={tmp_path / 'scores-irm2'}", f"MIX={tmp_path / 'scores-mix'}", "-o", tmp_path / "report")
+    assert report.code == 0, report.err
+    assert report.out.strip() == str(tmp_path / "report")
+    assert "median over frames, then median over tracks" in report.err  # the table's caption
+    rows = (tmp_path / "report" / "report.csv").read_text().splitlines()
+    assert rows[0] == "method,target,tracks,SDR,SIR,ISR,SAR,uSDR,aggregation"
+    assert [r.split(",")[:3] for r in rows[1:]] == [["IRM2", "vocals", "2"], ["IRM2", "accompaniment", "2"],
+                                                    ["MIX", "vocals", "2"], ["MIX", "accompaniment", "2"]]
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["report.csv", "report.md", "sdr_accompaniment.png", "sdr_vocals.png"]
+
+
+def test_every_method_is_registered():
+    assert list(METHODS) == ["mix", "irm1", "irm2", "ibm", "mwf"]
