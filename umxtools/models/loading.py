@@ -1,0 +1,314 @@
+"""Loading a model folder for separation: open-unmix's folders and umxtools' ``model.json`` folders.
+
+docs/model-format.md defines both layouts. A folder with a ``model.json`` is rebuilt from it (class
+spec, constructor arguments, whole-model weights); otherwise ``separator.json`` plus one
+``<target>.pth`` per target is an open-unmix folder whose UMX models are rebuilt from the state
+dict shapes (what open-unmix reads from ``<target>.json`` is checked against them). Published
+open-unmix weights by name are :mod:`umxtools.pretrained`'s.
+
+Every model becomes a :class:`SeparationModel`: either one :class:`OpenUnmix` per target, which
+:mod:`umxtools.separation` runs with memory bounded independently of the track length, or any
+module with the interface of its ``kind``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from umxtools.models import KINDS, ModelError, load_class
+from umxtools.models.umx import OpenUnmix
+
+MODEL_FORMAT = "umxtools.model"
+
+
+@dataclass
+class SeparationModel:
+    """What separation needs to know about a model, whatever its files looked like.
+
+    Exactly one of ``umx`` (target -> :class:`OpenUnmix`, in ``targets`` order) and ``module``
+    (a spectrogram or waveform model whose outputs are ``module_targets``) is set.
+    ``n_fft``/``n_hop`` are the spectrogram models' STFT; ``nb_channels`` is the model's input
+    channels (1: open-unmix's mono models see the channel mean of the stereo magnitude).
+    """
+
+    kind: str
+    targets: list[str]
+    sample_rate: int
+    nb_channels: int = 2
+    n_fft: int | None = None
+    n_hop: int | None = None
+    umx: dict[str, OpenUnmix] | None = None
+    module: torch.nn.Module | None = None
+    module_targets: list[str] | None = None
+    identity: dict = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> "SeparationModel":
+        for m in self.modules():
+            m.to(device)
+        return self
+
+    def modules(self) -> list[torch.nn.Module]:
+        return list(self.umx.values()) if self.umx is not None else [self.module]
+
+    @property
+    def chunkable(self) -> bool:
+        """Whether ``--segment`` makes sense: anything but open-unmix's whole-sequence BLSTM models."""
+        return self.umx is None
+
+
+def load_model(source: str | Path, targets: list[str] | None = None, identity: bool = True) -> SeparationModel:
+    """A model folder or a published model name -> :class:`SeparationModel` on the CPU, in eval mode.
+
+    Args:
+        source: a folder (``model.json`` or open-unmix's ``separator.json`` layout) or one of
+            :data:`umxtools.pretrained.PUBLISHED`.
+        targets: the targets to separate, a subset of the model's (default: all, in its order).
+        identity: hash the weight files for the provenance record (``SeparationModel.identity``).
+    Raises :class:`ModelError` for an unknown name, a folder that is not a model, missing weights.
+    """
+    from umxtools import pretrained  # noqa: PLC0415  (it imports this module)
+
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(path, "is a file; a model is a folder (model.json or separator.json + <target>.pth)")
+        if (path / "model.json").exists():
+            model = _load_umxtools_folder(path, targets)
+        elif (path / "separator.json").exists():
+            model = _load_openunmix_folder(path, targets)
+        else:
+            raise ModelError(path, "not a model folder: it has neither model.json nor separator.json")
+        if identity:
+            model.identity["files"] = {p.name: file_identity(p) for p in _weight_files(model, path)}
+        return model
+    if str(source) in pretrained.PUBLISHED:
+        return pretrained.load_published(str(source), targets, identity=identity)
+    raise ModelError(source, f"no such model folder, and not a published model ({', '.join(pretrained.PUBLISHED)})")
+
+
+def _weight_files(model: SeparationModel, folder: Path) -> list[Path]:
+    return [folder / name for name in model.identity.get("weights", [])]
+
+
+def file_identity(path: Path) -> dict:
+    """Size, modification time and SHA-256 of a file (provenance, not a cache key)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    st = path.stat()
+    return {"path": str(path.resolve()), "size_bytes": st.st_size, "mtime": st.st_mtime, "sha256": digest.hexdigest()}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(path, f"not readable JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ModelError(path, "not a JSON object")
+    return data
+
+
+def select_targets(available: list[str], targets: list[str] | None, where: Path | str) -> list[str]:
+    if targets is None:
+        return list(available)
+    unknown = [t for t in targets if t not in available]
+    if unknown:
+        raise ModelError(where, f"has no target {unknown[0]!r} (its targets: {', '.join(available)})")
+    if len(set(targets)) != len(targets):
+        raise ModelError(where, f"a target is asked for twice: {', '.join(targets)}")
+    return list(targets)
+
+
+def load_state(path: Path) -> dict:
+    """A state dict from a ``.pth`` file (``weights_only``: a weights file never runs code)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (torch raises several types for truncated or foreign files)
+        raise ModelError(path, f"not a readable weights file ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(path, "not a state dict (a mapping of parameter names to tensors)")
+    return state
+
+
+# --- open-unmix's layout ---------------------------------------------------------------------------
+
+
+def _load_openunmix_folder(folder: Path, targets: list[str] | None) -> SeparationModel:
+    conf = _read_json(folder / "separator.json")
+    for key in ("nfft", "nhop", "nb_channels"):
+        if not isinstance(conf.get(key), int) or conf[key] <= 0:
+            raise ModelError(folder / "separator.json", f"needs a positive integer {key!r}")
+    rate = conf.get("sample_rate", conf.get("rate"))
+    if not isinstance(rate, (int, float)) or rate <= 0 or rate != int(rate):
+        raise ModelError(folder / "separator.json", f"needs a positive whole 'sample_rate', has {rate!r}")
+    available = conf.get("targets")
+    if not isinstance(available, list) or not available:
+        # open-unmix's own separator.json has no target list: every <target>.json with weights
+        available = sorted(p.stem for p in folder.glob("*.json") if p.name not in ("separator.json", "model.json")
+                           and _weights_path(folder, p.stem) is not None)
+    chosen = select_targets(available, targets, folder)
+    models, weights = {}, []
+    for target in chosen:
+        path = _weights_path(folder, target)
+        if path is None:
+            raise ModelError(folder, f"has no weights for target {target!r} ({target}.pth)")
+        state = load_state(path)
+        meta = _read_json(folder / f"{target}.json") if (folder / f"{target}.json").exists() else {}
+        nfft = meta.get("args", {}).get("nfft", conf["nfft"])
+        if nfft != conf["nfft"]:
+            raise ModelError(folder / f"{target}.json", f"was trained with nfft {nfft}, separator.json says {conf['nfft']}")
+        models[target] = umx_from_state(state, conf["nfft"], path)
+        if models[target].nb_channels != conf["nb_channels"]:
+            raise ModelError(path, f"takes {models[target].nb_channels} channel(s), separator.json says {conf['nb_channels']}")
+        weights.append(path.name)
+    identity = {"source": str(folder.resolve()), "format": "openunmix", "class": "umxtools.models.umx:OpenUnmix",
+                "weights": weights, "args": {t: umx_args(m) for t, m in models.items()}}
+    return SeparationModel(kind="spectrogram", targets=chosen, sample_rate=int(rate), nb_channels=conf["nb_channels"],
+                           n_fft=conf["nfft"], n_hop=conf["nhop"], umx=models, identity=identity)
+
+
+def _weights_path(folder: Path, target: str) -> Path | None:
+    """``<target>.pth``, or a torch.hub-style ``<target>-<hash>.pth`` (open-unmix globs ``<target>*.pth``)."""
+    exact = folder / f"{target}.pth"
+    if exact.is_file():
+        return exact
+    hashed = sorted(folder.glob(f"{target}-*.pth"))
+    return hashed[0] if hashed else None
+
+
+def umx_from_state(state: dict, n_fft: int, where: Path | str) -> OpenUnmix:
+    """An :class:`OpenUnmix` whose sizes are read off ``state`` (open-unmix's names), weights loaded.
+
+    ``nb_bins = n_fft // 2 + 1``; ``max_bin`` from ``input_mean``; ``hidden_size`` from ``fc1``;
+    ``nb_layers`` and ``unidirectional`` from the LSTM's keys. Keys the model lacks (the
+    ``sample_rate``/``stft.window`` buffers of older open-unmix files) are ignored, as open-unmix
+    loads with ``strict=False``; a missing or misshapen parameter is an error.
+    """
+    needed = ("fc1.weight", "input_mean", "fc3.weight", "lstm.weight_ih_l0")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise ModelError(where, f"not an Open-Unmix state dict (no {missing[0]!r})")
+    max_bin = state["input_mean"].shape[0]
+    hidden_size, fc1_in = state["fc1.weight"].shape
+    nb_channels = fc1_in // max_bin
+    nb_layers = sum(1 for k in state if k.startswith("lstm.weight_ih_l") and not k.endswith("_reverse"))
+    unidirectional = "lstm.weight_ih_l0_reverse" not in state
+    nb_bins = n_fft // 2 + 1
+    if state["fc3.weight"].shape[0] != nb_bins * nb_channels:
+        raise ModelError(where, f"estimates {state['fc3.weight'].shape[0] // max(1, nb_channels)} bins, n_fft {n_fft} needs {nb_bins}")
+    model = OpenUnmix(nb_bins=nb_bins, nb_channels=nb_channels, hidden_size=hidden_size, nb_layers=nb_layers,
+                      unidirectional=unidirectional, max_bin=max_bin)
+    have = model.state_dict()
+    absent = [k for k in have if k not in state]
+    if absent:
+        raise ModelError(where, f"lacks {absent[0]!r} (and {len(absent) - 1} more)" if len(absent) > 1 else f"lacks {absent[0]!r}")
+    wrong = [k for k in have if state[k].shape != have[k].shape]
+    if wrong:
+        raise ModelError(where, f"{wrong[0]!r} has shape {tuple(state[wrong[0]].shape)}, expected {tuple(have[wrong[0]].shape)}")
+    model.load_state_dict({k: state[k] for k in have})
+    return model.freeze()
+
+
+def umx_args(model: OpenUnmix) -> dict:
+    """The constructor arguments of a built :class:`OpenUnmix` (for provenance)."""
+    return {"nb_bins": model.nb_output_bins, "nb_channels": model.nb_channels, "hidden_size": model.hidden_size,
+            "nb_layers": model.lstm.num_layers, "unidirectional": not model.lstm.bidirectional, "max_bin": model.nb_bins}
+
+
+# --- umxtools' model.json ----------------------------------------------------------------------------
+
+
+def _load_umxtools_folder(folder: Path, targets: list[str] | None) -> SeparationModel:
+    meta_path = folder / "model.json"
+    meta = _read_json(meta_path)
+    if meta.get("format") != MODEL_FORMAT:
+        raise ModelError(meta_path, f"not a umxtools model file (format {meta.get('format')!r}, expected {MODEL_FORMAT!r})")
+    kind = meta.get("kind")
+    if kind not in KINDS:
+        raise ModelError(meta_path, f"kind must be one of {', '.join(KINDS)}, has {kind!r}")
+    available = meta.get("targets")
+    if not isinstance(available, list) or not available or not all(isinstance(t, str) for t in available):
+        raise ModelError(meta_path, "needs a non-empty 'targets' list")
+    rate = meta.get("sample_rate")
+    if not isinstance(rate, (int, float)) or rate <= 0 or rate != int(rate):
+        raise ModelError(meta_path, f"needs a positive whole 'sample_rate', has {rate!r}")
+    if kind == "spectrogram":
+        for key in ("n_fft", "n_hop"):
+            if not isinstance(meta.get(key), int) or meta[key] <= 0:
+                raise ModelError(meta_path, f"a spectrogram model needs a positive integer {key!r}")
+    chosen = select_targets(available, targets, folder)
+    spec = str(meta.get("class", ""))
+    cls = load_class(_spec_near(spec, folder))
+    if cls.kind != kind:
+        raise ModelError(meta_path, f"says kind {kind!r} but {spec} is a {cls.kind} model")
+    args = meta.get("args", {})
+    if not isinstance(args, dict):
+        raise ModelError(meta_path, "'args' must be a JSON object of constructor arguments")
+    try:
+        module = cls(**args)
+    except TypeError as exc:
+        raise ModelError(spec, f"cannot construct with {json.dumps(args, sort_keys=True)} ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001  (user code: any failure is one line, not a traceback)
+        raise ModelError(spec, f"constructor failed: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
+    weights = folder / str(meta.get("weights", "model.pth"))
+    if not weights.is_file():
+        raise ModelError(folder, f"has no weights file {weights.name}")
+    state = load_state(weights)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(weights, f"does not fit {spec} with these args ({str(exc).strip().splitlines()[0][:200]})") from exc
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad = False
+    identity = {"source": str(folder.resolve()), "format": MODEL_FORMAT, "class": spec, "args": args, "weights": [weights.name]}
+    model = SeparationModel(kind=kind, targets=chosen, sample_rate=int(rate), nb_channels=int(meta.get("nb_channels", 2)),
+                            n_fft=meta.get("n_fft"), n_hop=meta.get("n_hop"), module=module, module_targets=list(available),
+                            identity=identity)
+    if kind == "spectrogram":
+        parts = _umx_parts(module, available)
+        if parts is not None:
+            model.umx, model.module, model.module_targets = {t: parts[t] for t in chosen}, None, None
+    return model
+
+
+def _spec_near(spec: str, folder: Path) -> str:
+    """A ``file.py:CLASS`` spec relative to the model folder, where that file exists."""
+    module_name, _, class_name = spec.rpartition(":")
+    if module_name.endswith(".py") and not Path(module_name).is_absolute() and (folder / module_name).exists():
+        return f"{folder / module_name}:{class_name}"
+    return spec
+
+
+def _umx_parts(module: torch.nn.Module, targets: list[str]) -> dict[str, OpenUnmix] | None:
+    """The per-target :class:`OpenUnmix` models of a joint model, if its output is exactly theirs.
+
+    A model qualifies with a ``target_models()`` method returning one ``OpenUnmix`` per target
+    (``umxtools.models.joint.OpenUnmixJoint`` has it). Its forward is then checked on a short
+    random input against the parts stacked in ``targets`` order; a model that does anything more
+    is run whole instead.
+    """
+    get = getattr(module, "target_models", None)
+    if not callable(get):
+        return None
+    try:
+        parts = get()
+    except Exception:  # noqa: BLE001  (a method of that name with another meaning: not a joint model)
+        return None
+    if not isinstance(parts, dict) or list(parts) != list(targets) or not all(isinstance(m, OpenUnmix) for m in parts.values()):
+        return None
+    first = next(iter(parts.values()))
+    x = torch.rand(1, first.nb_channels, first.nb_output_bins, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = module(x)
+        stacked = torch.stack([m(x) for m in parts.values()], dim=1)
+    if whole.shape != stacked.shape or not torch.equal(whole, stacked):
+        return None
+    return parts

@@ -1,0 +1,255 @@
+"""Writing separated stems: streamed block by block, atomic per track, in the requested format.
+
+A :class:`StemWriter` owns one output folder (``OUT/<track>/``). It writes into a hidden temporary
+folder beside it (``OUT/.<track>.partial-*``) and renames that into place only when every stem and
+the JSON record are complete, so an error, a Ctrl-C or a crash never leaves a half-written
+separation under the final name.
+
+- Blocks arrive at the model's rate; with ``out_rate`` different they pass through one streaming
+  soxr resampler (VHQ) per stem, and the stems are cut or zero-padded to exactly ``length``
+  frames, the input's length at its own rate.
+- ``32f``: float32, nothing clipped (a float WAV holds values beyond +-1). ``16``/``24``: the
+  writer quantises itself (round to nearest, scale ``2**(bits - 1)``) and clips at full scale,
+  counting the samples it clipped: libsndfile's own float-to-integer conversion wraps values
+  beyond +-1 around instead. ``clip="rescale"`` keeps float temporaries and, at the end, scales
+  every stem of the track by one gain (the stems still sum to the mixture) so that the loudest
+  sample fits, then quantises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from umxtools.errors import UsageError
+
+FORMATS = ("wav", "flac")
+BITS = ("16", "24", "32f")
+CLIP_MODES = ("clip", "rescale")
+RECORD = "separation.json"
+_SUBTYPES = {"16": "PCM_16", "24": "PCM_24", "32f": "FLOAT"}
+_READ_BLOCK = 1 << 18
+
+
+class OutputError(UsageError):
+    """An output folder that cannot be written, or that holds a separation already."""
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How stems are written.
+
+    Attributes:
+        format: ``wav`` or ``flac``.
+        bits: ``16``, ``24`` or ``32f`` (float); default ``32f`` for WAV, ``24`` for FLAC (FLAC
+            holds integers only).
+        clip: ``clip`` (clip at full scale, count what was clipped) or ``rescale`` (one gain per
+            track so that nothing clips) for integer output.
+        keep_rate: write at the input's sample rate (else at the model's).
+        force: replace an existing output folder.
+    """
+
+    format: str = "wav"
+    bits: str | None = None
+    clip: str = "clip"
+    keep_rate: bool = True
+    force: bool = False
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise UsageError(None, f"format {self.format!r}: one of {', '.join(FORMATS)}")
+        if self.bits is not None and self.bits not in BITS:
+            raise UsageError(None, f"bits {self.bits!r}: one of {', '.join(BITS)}")
+        if self.clip not in CLIP_MODES:
+            raise UsageError(None, f"clip {self.clip!r}: one of {', '.join(CLIP_MODES)}")
+        if self.format == "flac" and self.bits == "32f":
+            raise UsageError(None, "FLAC holds 16- or 24-bit integers, not float: --bits 16 or 24")
+
+    @property
+    def resolved_bits(self) -> str:
+        return self.bits or ("24" if self.format == "flac" else "32f")
+
+    @property
+    def suffix(self) -> str:
+        return f".{self.format}"
+
+    def as_dict(self) -> dict:
+        return {"format": self.format, "bits": self.resolved_bits, "clip": self.clip, "keep_rate": self.keep_rate}
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and make sure a file can be created in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".umxtools-probe-{uuid.uuid4().hex[:8]}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(folder, f"cannot write here ({exc.strerror or exc})") from exc
+
+
+@dataclass
+class _Stem:
+    path: Path
+    file: sf.SoundFile
+    resampler: object | None
+    written: int = 0
+    clipped: int = 0
+    peak: float = 0.0
+
+
+@dataclass
+class StemWriter:
+    """Streams blocks of several stems into ``folder`` (see the module docstring).
+
+    Args:
+        folder: the final output folder ``OUT/<track>``.
+        names: the stems, in order (``<name><suffix>`` each).
+        rate: the rate of the blocks; ``out_rate``: the rate written.
+        length: frames per stem at ``out_rate``.
+        channels: channels per stem.
+    """
+
+    folder: Path
+    names: list[str]
+    rate: int
+    out_rate: int
+    length: int
+    options: OutputOptions
+    channels: int = 2
+    stems: dict[str, _Stem] = field(default_factory=dict, init=False)
+
+    def __post_init__(self):
+        if self.folder.exists() and not self.options.force:
+            raise OutputError(self.folder, "exists; pass --force to replace it")
+        self.tmp = self.folder.parent / f".{self.folder.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            self.tmp.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputError(self.folder.parent, f"cannot write here ({exc.strerror or exc})") from exc
+        self.bits = self.options.resolved_bits
+        # rescaling needs the peak of every stem first: float temporaries, converted at the end
+        self.staged = self.bits != "32f" and self.options.clip == "rescale"
+        try:
+            for name in self.names:
+                self.stems[name] = self._open(name)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open(self, name: str) -> _Stem:
+        path = self.tmp / f"{name}{self.options.suffix}"
+        if self.staged:
+            f = sf.SoundFile(self.tmp / f".{name}.f32.wav", "w", self.out_rate, self.channels, "FLOAT", format="WAV")
+        else:
+            f = sf.SoundFile(path, "w", self.out_rate, self.channels, _SUBTYPES[self.bits], format=self.options.format.upper())
+        resampler = None
+        if self.rate != self.out_rate:
+            import soxr  # noqa: PLC0415
+
+            resampler = soxr.ResampleStream(self.rate, self.out_rate, self.channels, dtype="float32", quality="VHQ")
+        return _Stem(path, f, resampler)
+
+    def write(self, blocks: dict[str, np.ndarray]) -> None:
+        """The next samples of every stem: ``{name: (channels, n)}`` at ``rate``."""
+        for name, block in blocks.items():
+            stem = self.stems[name]
+            frames = np.ascontiguousarray(block.T, dtype=np.float32)  # (n, channels)
+            if stem.resampler is not None:
+                frames = stem.resampler.resample_chunk(frames, last=False)
+            self._put(stem, frames)
+
+    def _put(self, stem: _Stem, frames: np.ndarray) -> None:
+        frames = frames[: max(0, self.length - stem.written)]
+        if not len(frames):
+            return
+        stem.written += len(frames)
+        stem.peak = max(stem.peak, float(np.abs(frames).max()))
+        if self.bits == "32f" or self.staged:
+            stem.file.write(frames)
+        else:
+            ints, clipped = quantize(frames, int(self.bits))
+            stem.clipped += clipped
+            stem.file.write(ints)
+
+    def close(self, record: dict) -> Path:
+        """Finish every stem, write ``separation.json`` (``record`` plus what writing found) and
+        rename the folder into place. Returns the folder."""
+        try:
+            for stem in self.stems.values():
+                if stem.resampler is not None:
+                    self._put(stem, stem.resampler.resample_chunk(np.zeros((0, self.channels), np.float32), last=True))
+                if stem.written < self.length:
+                    self._put(stem, np.zeros((self.length - stem.written, self.channels), np.float32))
+                stem.file.close()
+            gain = self._rescale() if self.staged else 1.0
+            record = {**record, "output": {"files": {n: s.path.name for n, s in self.stems.items()}, "sample_rate": self.out_rate,
+                                           "frames": self.length, **self.options.as_dict(), "gain": gain,
+                                           "clipped_samples": {n: s.clipped for n, s in self.stems.items()},
+                                           "peak": {n: round(s.peak, 6) for n, s in self.stems.items()}}}
+            (self.tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            self._commit()
+        except BaseException:
+            self.abort()
+            raise
+        return self.folder
+
+    @property
+    def clipped(self) -> dict[str, int]:
+        return {n: s.clipped for n, s in self.stems.items() if s.clipped}
+
+    def _rescale(self) -> float:
+        """Convert the float temporaries to integers with one gain that fits the loudest stem."""
+        bits = int(self.bits)
+        top = (2 ** (bits - 1) - 1) / 2 ** (bits - 1)
+        peak = max(s.peak for s in self.stems.values())
+        gain = min(1.0, top / peak) if peak > 0 else 1.0
+        for name, stem in self.stems.items():
+            staged = self.tmp / f".{name}.f32.wav"
+            with sf.SoundFile(staged) as src, sf.SoundFile(stem.path, "w", self.out_rate, self.channels, _SUBTYPES[self.bits],
+                                                           format=self.options.format.upper()) as dst:
+                for frames in src.blocks(_READ_BLOCK, dtype="float32", always_2d=True):
+                    ints, clipped = quantize(frames * np.float32(gain), bits)
+                    stem.clipped += clipped
+                    dst.write(ints)
+            staged.unlink()
+        return gain
+
+    def _commit(self) -> None:
+        old = None
+        if self.folder.exists():
+            if not self.options.force:
+                raise OutputError(self.folder, "exists; pass --force to replace it")
+            old = self.folder.parent / f".{self.folder.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.folder, old)
+        os.replace(self.tmp, self.folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Drop everything written so far."""
+        for stem in self.stems.values():
+            if not stem.file.closed:
+                stem.file.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def quantize(frames: np.ndarray, bits: int) -> tuple[np.ndarray, int]:
+    """float ``(n, channels)`` -> integers for ``bits``-bit PCM, clipped at full scale; and the
+    number of samples clipped. 24-bit values are left-justified in int32, as soundfile writes them."""
+    scale = float(2 ** (bits - 1))
+    q = np.rint(frames.astype(np.float64) * scale)
+    over = (q > scale - 1) | (q < -scale)
+    clipped = int(np.count_nonzero(over))
+    if clipped:
+        np.clip(q, -scale, scale - 1, out=q)
+    if bits == 16:
+        return q.astype(np.int16), clipped
+    return q.astype(np.int32) << 8, clipped
