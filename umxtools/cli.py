@@ -266,3 +266,352 @@ def cache_merge(out: Path, shards: tuple[Path, ...], force: bool) -> None:
     from umxtools.cache import merge_caches  # noqa: PLC0415
 
     click.echo(str(merge_caches(out, list(shards), force=force, command=["umxtools", *sys.argv[1:]])))
+
+
+# --- train -----------------------------------------------------------------------------------
+
+
+def _train_model_spec(ctx, param, value: str) -> str:
+    from umxtools.models import MODELS  # noqa: PLC0415  (torch-free registry)
+
+    if value not in MODELS and ":" not in value:
+        raise click.BadParameter(f"{value!r} is neither {' nor '.join(repr(m) for m in MODELS)} nor MODULE:CLASS")
+    return value
+
+
+def _waveform_losses() -> list[str]:
+    from umxtools.models import LOSSES  # noqa: PLC0415  (torch-free registry)
+
+    return list(LOSSES["waveform"])
+
+
+def _key_values(items: tuple[str, ...], flag: str) -> dict:
+    """``KEY=VALUE`` flags; VALUE parsed as JSON when it parses (``4`` -> 4), else kept as text."""
+    parsed = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=flag)
+        key, value = item.split("=", 1)
+        try:
+            parsed[key] = json.loads(value)
+        except ValueError:
+            parsed[key] = value
+    return parsed
+
+
+class _TrainProgress:
+    """Renders :func:`umxtools.training.train`'s events on stderr: a transient rich bar per epoch
+    (batch, loss, samples/s) on a terminal, and one permanent log line per epoch (what a cluster
+    job's log file keeps)."""
+
+    def __init__(self):
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"), TimeElapsedColumn())
+        self.bar = Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal)
+        self.task = None
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def __call__(self, event: str, info: dict) -> None:
+        if event == "start":
+            verb = "resuming" if info["resumed"] else "training"
+            stderr.print(f"{verb} {', '.join(info['targets'])}: {info['model']} ({info['parameters'] / 1e6:.2f} M parameters) on "
+                         f"{info['device']}" + (f" x {info['world_size']} processes" if info["world_size"] > 1 else "")
+                         + f", epochs {info['first_epoch']}..{info['epochs']}, {info['batches']} batches each -> {info['output']}",
+                         highlight=False, soft_wrap=True)
+        elif event == "batch":
+            if self.task is None:
+                self.task = self.bar.add_task("", total=info["batches"], loss="-", speed="-")
+            self.bar.update(self.task, completed=info["batch"], description=f"epoch {info['epoch']}",
+                            loss=f"{info['loss']:.4g}", speed=f"{info['samples_per_s']:.1f}")
+        elif event == "epoch":
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+                self.task = None
+            mark = "  best" if info["best"] else ""
+            stderr.print(f"epoch {info['epoch']}/{info['epochs']}  train {info['train_loss']:.5g}  valid {info['valid_loss']:.5g}  "
+                         f"lr {info['lr']:.2g}  {info['seconds']:.1f} s  {info['samples_per_s']:.1f} samples/s  "
+                         f"data wait {100 * info['data_wait']:.0f}%{mark}", highlight=False, soft_wrap=True)
+        elif event == "stop":
+            stderr.print(f"stopped after epoch {info['epoch']}: {info['reason']}", highlight=False, soft_wrap=True)
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--valid", "valid", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Validation cache (whole tracks are validated each epoch).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Model folder to write.")
+@click.option("--target", default=None, help="Target source, or a sum (drums+bass), or accompaniment [default: vocals].")
+@click.option("--targets", default=None, help="Comma-separated targets: with --joint, or for waveform and custom models.")
+@click.option("--joint", is_flag=True, help="One UMX per target in one model, loss summed over targets (OpenUnmixJoint).")
+@click.option("--model", default="umx", show_default=True, callback=_train_model_spec,
+              help="umx (Open-Unmix), waveform (Demucs v2, time domain) or MODULE:CLASS / path/file.py:CLASS (see examples/template_model.py).")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Constructor argument of a waveform or custom model; repeatable.")
+@click.option("--nfft", type=click.IntRange(min=16), default=None, help="STFT size the cache must have [default: the cache's].")
+@click.option("--nhop", type=click.IntRange(min=1), default=None, help="STFT hop the cache must have [default: the cache's].")
+@click.option("--nb-channels", type=click.IntRange(1, 2), default=2, show_default=True, help="1: the model sees the channel mean.")
+@click.option("--hidden-size", type=click.IntRange(min=1), default=512, show_default=True, help="UMX bottleneck width.")
+@click.option("--nb-layers", type=click.IntRange(min=1), default=3, show_default=True, help="UMX LSTM layers.")
+@click.option("--bandwidth", type=click.FloatRange(min=0, min_open=True), default=16000, show_default=True, help="UMX input bandwidth (Hz).")
+@click.option("--unidirectional", is_flag=True, help="UMX: causal LSTM.")
+@click.option("--seq-dur", type=click.FloatRange(min=0, min_open=True), default=6.0, show_default=True, help="Training excerpt length (s).")
+@click.option("--valid-seq-dur", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Validation excerpt length (s); 0: whole tracks, as open-unmix.")
+@click.option("--samples-per-track", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--source-augmentations", default="gain,channelswap", show_default=True, help="Comma-separated, or 'none'.")
+@click.option("--random-track-mix/--no-random-track-mix", default=True, show_default=True, help="Each source from its own random track.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Per process.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-5, show_default=True)
+@click.option("--lr-decay-patience", type=click.IntRange(min=0), default=80, show_default=True)
+@click.option("--lr-decay-gamma", type=click.FloatRange(0, 1, min_open=True), default=0.3, show_default=True)
+@click.option("--patience", type=click.IntRange(min=0), default=140, show_default=True, help="Early-stopping patience (epochs).")
+@click.option("--epochs", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
+@click.option("--loss", type=click.Choice(_waveform_losses()), default="l1", show_default=True, help="Waveform models' loss.")
+@click.option("--nb-workers", type=click.IntRange(min=0), default=0, show_default=True, help="Loader worker processes.")
+# the device and precision lists mirror umxtools.training.DEVICES / AMP_DTYPES, written out so that
+# `umxtools --help` does not import torch; the library checks them again
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None, help="Mixed precision (CUDA only).")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MINUTES",
+              help="Stop after the epoch that passes it (--resume continues).")
+@click.option("--resume", is_flag=True, help="Continue the run in the output folder from its .chkpnt (a fresh start if there is none).")
+@click.option("--force", is_flag=True, help="Replace another run in the output folder.")
+@click.option("--allow-stale", is_flag=True, help="Use caches whose input files changed since they were built.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress and no log lines.")
+def train(cache: Path, valid: Path, output: Path, target: str | None, targets: str | None, model_args: tuple[str, ...],
+          source_augmentations: str, valid_seq_dur: float, quiet: bool, **flags) -> None:
+    """Train a separation model on a cache (see docs/train.md); prints the model folder.
+
+    Under `torchrun --nproc-per-node N -m umxtools train ...` it trains data-parallel.
+    """
+    from umxtools.distributed import from_env  # noqa: PLC0415
+    from umxtools.training import TrainConfig, train as train_model  # noqa: PLC0415
+
+    if target is not None and targets is not None:
+        raise click.UsageError("give --target or --targets, not both")
+    if flags["force"] and flags["resume"]:
+        raise click.UsageError("--force and --resume exclude each other")
+    names = _csv(targets) if targets is not None else [target or "vocals"]
+    augmentations = [] if source_augmentations.strip() == "none" else _csv(source_augmentations)
+    config = TrainConfig(cache=cache, valid=valid, output=output, targets=tuple(names), source_augmentations=tuple(augmentations),
+                         model_args=_key_values(model_args, "--model-arg"), valid_seq_dur=valid_seq_dur or None,
+                         command=["umxtools", *sys.argv[1:]], **flags)
+    rank = from_env().rank
+    try:
+        if quiet or rank != 0:
+            path = train_model(config)
+        else:
+            with _TrainProgress() as progress:
+                path = train_model(config, progress)
+    except UmxError:
+        if rank != 0:
+            sys.exit(1)  # every rank meets the same error: rank 0 alone reports it
+        raise
+    if rank == 0:
+        click.echo(str(path))
+
+
+# --- eval, oracle, report (docs/eval.md) -----------------------------------------------------
+
+
+def _references(musdb_root: Path | None, is_wav: bool, subset: str, folder: Path | None):
+    """The references of eval and oracle: a MUSDB18 root through musdb, or a folder of tracks."""
+    from umxtools.references import FolderReferences, MusdbReferences  # noqa: PLC0415
+
+    if (musdb_root is None) == (folder is None):
+        raise click.UsageError("give the references: --musdb ROOT or --references DIR (one of them)")
+    if folder is not None:
+        if is_wav:
+            raise click.UsageError("--is-wav goes with --musdb")
+        return FolderReferences(str(folder))
+    return MusdbReferences(str(musdb_root), is_wav=is_wav, subset=subset)
+
+
+def _registry(module: str, name: str) -> list[str]:
+    """Choice lists come from the library's registries, imported when the CLI is built."""
+    import importlib  # noqa: PLC0415
+
+    return list(getattr(importlib.import_module(module), name))
+
+
+@cli.command("eval")
+@click.argument("estimates", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--musdb", "musdb_root", type=click.Path(file_okay=False, path_type=Path),
+              help="MUSDB18 root with the references (estimates in ESTIMATES/<subset>/<track>/<target>.wav).")
+@click.option("--is-wav", is_flag=True, help="--musdb is MUSDB18-HQ (track folders of wavs).")
+@click.option("--subset", type=click.Choice(["train", "test"]), default="test", show_default=True)
+@click.option("--references", "references_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of reference tracks DIR/<track>/<source>.wav (estimates in ESTIMATES/<track>/<target>.wav).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Scores folder: one museval JSON per track.")
+@click.option("--targets", default=None, help="Comma-separated targets [default: every target with estimates].")
+@click.option("--backend", type=click.Choice(_registry("umxtools.evaluation", "BACKENDS")), default="museval", show_default=True,
+              help="Scoring backend.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes (one track each).")
+@click.option("--shard", default=None, metavar="K/N", help="Score only tracks i with i % N == K (shards share one scores folder).")
+@click.option("--force", is_flag=True, help="Rescore tracks that already have a score file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+def eval_command(estimates: Path, musdb_root: Path | None, is_wav: bool, subset: str, references_dir: Path | None, output: Path,
+                 targets: str | None, backend: str, jobs: int, shard: str | None, force: bool, quiet: bool) -> None:
+    """Score estimates with museval's BSSEval v4 (1 s frames) and the MDX whole-track SDR (uSDR)."""
+    from umxtools.cache import Shard  # noqa: PLC0415
+    from umxtools.evaluation import evaluate_estimates  # noqa: PLC0415
+
+    references = _references(musdb_root, is_wav, subset, references_dir)
+    with _progress(f"scoring {estimates.name}", quiet) as progress:
+        summary = evaluate_estimates(estimates, references, output, targets=_csv(targets), backend=backend, jobs=jobs,
+                                     shard=Shard.parse(shard), force=force, progress=progress)
+    for error in summary.failed:  # per-track problems: the other tracks' scores are written
+        click.echo(f"umxtools: error: {error}", err=True)
+    click.echo(str(output))
+    if summary.failed:
+        sys.exit(1)
+    if not quiet:
+        click.echo(f"scored {len(summary.scored)} track(s) ({summary.seconds_scored:.1f} s of audio), "
+                   f"{len(summary.skipped)} already scored; targets {', '.join(summary.targets)}", err=True)
+
+
+@cli.command("oracle")
+@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--method", type=click.Choice(_registry("umxtools.oracle", "METHODS")), required=True,
+              help="mix: mixture/J; irm1, irm2: ratio masks (magnitude, power); ibm: binary mask; mwf: multichannel Wiener.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Estimates folder to write.")
+@click.option("--is-wav", is_flag=True, help="ROOT is MUSDB18-HQ (track folders of wavs).")
+@click.option("--subset", type=click.Choice(["train", "test"]), default="test", show_default=True)
+@click.option("--folder", is_flag=True, help="ROOT is a folder of track folders ROOT/<track>/<source>.wav, not a MUSDB18 root.")
+@click.option("--targets", default=None, help="Comma-separated targets to write [default: every source and accompaniment].")
+@click.option("--force", is_flag=True, help="Write into a folder holding another method's estimates.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def oracle_command(root: Path, method: str, output: Path, is_wav: bool, subset: str, folder: bool, targets: str | None,
+                   force: bool, quiet: bool) -> None:
+    """Write oracle (mask from the true sources) or mixture estimates, ready for `umxtools eval`."""
+    from umxtools.oracle import write_oracle  # noqa: PLC0415
+
+    if folder and is_wav:
+        raise click.UsageError("--is-wav (a MUSDB18-HQ root) and --folder exclude each other")
+    references = _references(None if folder else root, is_wav, subset, root if folder else None)
+    with _progress(f"oracle {method}", quiet) as progress:
+        path = write_oracle(references, method, output, targets=_csv(targets), force=force, progress=progress)
+    click.echo(str(path))
+
+
+@cli.command("report")
+@click.argument("scores", nargs=-1, required=True, metavar="[NAME=]SCORES...")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Report folder (report.csv, report.md, sdr_<target>.png).")
+@click.option("--agg", type=click.Choice(_registry("umxtools.report", "AGGREGATIONS")), default="median", show_default=True,
+              help="median: over frames then tracks (SiSEC); mean: both means; mean-of-medians: median over frames, mean over tracks.")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write the SDR box plots.")
+@click.option("-q", "--quiet", is_flag=True, help="Do not print the table.")
+def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool, quiet: bool) -> None:
+    """Compare scores folders: one table of methods x targets x metrics, as CSV, Markdown and plots."""
+    from umxtools.report import make_report, to_rich_table  # noqa: PLC0415
+
+    report = make_report(list(scores), output, agg=agg, plots=plots)
+    if not quiet:
+        stderr.print(to_rich_table(report))
+    click.echo(str(output))
+
+
+# --- separate --------------------------------------------------------------------------------
+
+
+@cli.command("separate")
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--list", "list_file", default=None, metavar="FILE|-", help="Read input paths from FILE, one a line ('-': stdin).")
+@click.option("-o", "--output", "out", default="separated", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Writes OUT/<input name>/<target>.wav and separation.json.")
+@click.option("--model", default="umxl", show_default=True,
+              help=f"Model folder, or a published open-unmix model: {', '.join(_registry('umxtools.pretrained', 'PUBLISHED'))}.")
+@click.option("--targets", default=None, help="Comma-separated subset of the model's targets [default: all].")
+@click.option("--niter", type=click.IntRange(min=0), default=1, show_default=True, help="Wiener EM iterations (0: none).")
+@click.option("--softmask", is_flag=True, help="Start EM from ratio masks instead of magnitudes with the mixture phase.")
+@click.option("--residual", is_flag=True, help="Also write 'residual': the mixture minus the targets.")
+@click.option("--wiener-win-len", type=click.IntRange(min=0), default=300, show_default=True,
+              help="Frames filtered together by the Wiener EM; 0: the whole track (memory grows with it).")
+@click.option("--aggregate", multiple=True, metavar="NAME=A+B",
+              help="Write the sum of outputs as NAME; with any --aggregate only the aggregates are written "
+                   "(e.g. --aggregate vocals=vocals --aggregate accompaniment=drums+bass+other). Repeatable.")
+@click.option("--segment", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Run waveform and custom models on segments of this length (not UMX models).")
+@click.option("--overlap", type=click.FloatRange(0, 0.5), default=0.25, show_default=True,
+              help="Overlap of consecutive segments, as a fraction of a segment, cross-faded linearly.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Files separated in parallel processes.")
+@click.option("--start", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Start of the excerpt (s).")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None, help="Length of the excerpt (s) [default: to the end].")
+@click.option("--keep-rate/--no-keep-rate", default=True, show_default=True,
+              help="Write at the input's sample rate (resampled back from the model's), else at the model's.")
+@click.option("--format", "fmt", type=click.Choice(_registry("umxtools.stems", "FORMATS")), default="wav", show_default=True)
+@click.option("--bits", type=click.Choice(_registry("umxtools.stems", "BITS")), default=None,
+              help="Sample format: 16, 24 or 32f (float) [default: 32f for wav, 24 for flac].")
+@click.option("--clip", type=click.Choice(_registry("umxtools.stems", "CLIP_MODES")), default="clip", show_default=True,
+              help="Integer output beyond full scale: clip it (with a warning) or rescale the track's stems by one gain.")
+@click.option("--force", is_flag=True, help="Replace existing output folders.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path, model: str, targets: str | None, niter: int,
+                     softmask: bool, residual: bool, wiener_win_len: int, aggregate: tuple[str, ...], segment: float | None,
+                     overlap: float, device: str, jobs: int, start: float, duration: float | None, keep_rate: bool, fmt: str,
+                     bits: str | None, clip: str, force: bool, quiet: bool) -> None:
+    """Separate audio files (or folders of them) into their sources with an Open-Unmix or umxtools model."""
+    from umxtools.separate_files import Excerpt, collect_inputs, read_list, separate_files  # noqa: PLC0415
+    from umxtools.separation import SeparationSettings, parse_aggregate  # noqa: PLC0415
+    from umxtools.stems import OutputOptions  # noqa: PLC0415
+
+    paths = [*inputs, *(read_list(list_file) if list_file else [])]
+    items = collect_inputs(paths)
+    settings = SeparationSettings(niter=niter, softmask=softmask, residual=residual, wiener_win_len=wiener_win_len or None,
+                                  aggregate=parse_aggregate(aggregate), segment=segment, overlap=overlap, device=device)
+    options = OutputOptions(format=fmt, bits=bits, clip=clip, keep_rate=keep_rate, force=force)
+    with _files_progress([item.path.name for item in items], quiet) as progress:
+        results = separate_files(model, items, out, settings, targets=_csv(targets), excerpt=Excerpt(start, duration),
+                                 options=options, jobs=jobs, progress=progress, command=["umxtools", *sys.argv[1:]])
+    failed = 0
+    for r in results:
+        for w in r.warnings:
+            click.echo(f"umxtools: warning: {w}", err=True)
+        if r.clipped:
+            where = ", ".join(f"{n} ({k})" for n, k in r.clipped.items())
+            click.echo(f"umxtools: warning: {r.output}: samples clipped at full scale in {where}; --clip rescale scales instead",
+                       err=True)
+        if r.error is not None:
+            if _State.debug:
+                raise r.error
+            click.echo(f"umxtools: error: {r.error}", err=True)
+            failed += 1
+        else:
+            click.echo(r.output)
+    if failed:
+        sys.exit(1)
+
+
+@contextmanager
+def _files_progress(names: list[str], quiet: bool):
+    """One transient rich progress bar per file being separated; ``progress(index, event, n)``."""
+    if quiet:
+        yield None
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        tasks: dict[int, int] = {}
+
+        def update(index: int, event: str, n: int) -> None:
+            if event == "start":
+                tasks[index] = bar.add_task(f"separating {names[index]}", total=None)
+            elif event == "done":
+                if index in tasks:
+                    bar.remove_task(tasks.pop(index))
+            elif index in tasks:
+                if event == "total":
+                    bar.update(tasks[index], total=n)
+                else:
+                    bar.advance(tasks[index], n)
+
+        yield update
