@@ -17,10 +17,19 @@ EPOCHS    ?= 10
 JOBS      ?= 2
 # toy tracks used as the validation split (musdb's own list names real MUSDB18 tracks only)
 VALID     ?= toy_006,toy_007
+MODELS_DIR ?= models
+EVAL_DIR  ?= eval
+# a small UMX that learns the toy data in minutes on 2 cores (open-unmix's defaults are for MUSDB18)
+TRAIN_FLAGS ?= --hidden-size 128 --seq-dur 2 --samples-per-track 16 --lr 3e-3
+# baselines scored beside the trained model
+ORACLES   ?= irm2 mix
+comma := ,
 
 UMX = $(PYTHON) -m umxtools
 
-.PHONY: install slurm demo test bench data clean-data
+.PHONY: install slurm demo test bench data train eval clean-data
+# keep the .complete markers of the pattern rules (they are what makes reruns incremental)
+.SECONDARY:
 
 install:
 	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || \
@@ -41,9 +50,14 @@ test: install slurm
 
 bench: install
 	$(PYTHON) bench/bench_cache.py --out results/bench_cache.json
+	$(PYTHON) bench/bench_separate.py --out results/bench_separate.json
+	$(PYTHON) bench/bench_eval.py --out results/bench_eval.json
+	$(PYTHON) bench/bench_metrics.py --out results/bench_metrics.json
+	$(PYTHON) bench/bench_train.py --out results/bench_train.json
 
-demo: install data
-	$(UMX) cache info $(CACHE_DIR)/toy-train.h5
+# the whole pipeline on the toy data, small enough for a few minutes on 2 cores
+demo: install
+	$(MAKE) data train eval EPOCHS=$(if $(filter command line,$(origin EPOCHS)),$(EPOCHS),4)
 
 # --- pipeline stages (file targets: a stage reruns only when its inputs changed) ---
 data: $(CACHE_DIR)/toy-train.h5 $(CACHE_DIR)/toy-valid.h5
@@ -60,5 +74,34 @@ $(CACHE_DIR)/toy-valid.h5: $(DATA)/.complete
 	$(UMX) cache musdb $(DATA) --is-wav --subsets train --split valid --valid-tracks $(VALID) \
 		--jobs $(JOBS) --force -o $@
 
+# one UMX per target in one folder (open-unmix's layout); --resume continues an interrupted run,
+# and a larger EPOCHS trains only the new epochs
+train: $(MODELS_DIR)/toy-umx/separator.json
+
+$(MODELS_DIR)/toy-umx/separator.json: $(CACHE_DIR)/toy-train.h5 $(CACHE_DIR)/toy-valid.h5
+	for t in $(subst $(comma), ,$(TARGETS)); do \
+		$(UMX) train $(CACHE_DIR)/toy-train.h5 --valid $(CACHE_DIR)/toy-valid.h5 --target $$t -o $(@D) \
+			$(TRAIN_FLAGS) --epochs $(EPOCHS) --resume -q || exit 1; \
+	done
+
+# separate the toy test split, score it and the oracle baselines with museval, one report
+eval: $(EVAL_DIR)/report/report.md
+	@cat $<
+
+$(EVAL_DIR)/estimates/umx/.complete: $(MODELS_DIR)/toy-umx/separator.json
+	$(UMX) separate $(DATA)/test --model $(MODELS_DIR)/toy-umx --targets $(TARGETS) -o $(EVAL_DIR)/estimates/umx/test --force -q
+	touch $@
+
+$(EVAL_DIR)/estimates/%/.complete: $(DATA)/.complete
+	$(UMX) oracle $(DATA) --is-wav --method $* --targets $(TARGETS) -o $(EVAL_DIR)/estimates/$*
+	touch $@
+
+$(EVAL_DIR)/scores/%/.complete: $(EVAL_DIR)/estimates/%/.complete
+	$(UMX) eval $(EVAL_DIR)/estimates/$* --musdb $(DATA) --is-wav --targets $(TARGETS) -o $(EVAL_DIR)/scores/$* --jobs $(JOBS) -q
+	touch $@
+
+$(EVAL_DIR)/report/report.md: $(EVAL_DIR)/scores/umx/.complete $(foreach m,$(ORACLES),$(EVAL_DIR)/scores/$(m)/.complete)
+	$(UMX) report UMX=$(EVAL_DIR)/scores/umx $(foreach m,$(ORACLES),$(shell echo $(m) | tr a-z A-Z)=$(EVAL_DIR)/scores/$(m)) -o $(@D)
+
 clean-data:
-	rm -rf $(DATA) $(CACHE_DIR)/toy-*.h5
+	rm -rf $(DATA) $(CACHE_DIR)/toy-*.h5 $(MODELS_DIR)/toy-umx $(EVAL_DIR)
