@@ -30,8 +30,9 @@ def slurm():
 
 
 def _env(tmp_path: Path) -> dict:
-    # jobs run the same umxtools as the tests, from this checkout
-    return {**os.environ, "UMX_BIN": str(BIN), "PYTHONPATH": str(REPO)}
+    # jobs run the same umxtools as the tests, from this checkout; one thread everywhere, so that
+    # single-process and array runs sum floats in the same order and agree to the byte
+    return {**os.environ, "UMX_BIN": str(BIN), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def _sbatch(args: list[str], cwd: Path, env: dict) -> str:
@@ -69,3 +70,59 @@ def test_shard_scripts_outside_slurm(toy_root, tmp_path):
     r = subprocess.run([str(BIN / "merge-cache"), str(tmp_path / "x.h5"), "2"], capture_output=True, text=True, env=env)
     shard0 = tmp_path / "x.shard-0-of-2.h5"
     assert r.returncode == 1 and r.stderr.startswith(f"umxtools: error: {shard0}: missing shard 0/2")
+
+
+def _run(cmd: list[str], env: dict, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def _tree(folder: Path, pattern: str) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob(pattern))}
+
+
+def test_separate_and_eval_arrays_equal_single_process(slurm, toy_root, tmp_path):
+    from tests.conftest import COMPAT, need_shared
+
+    model = need_shared(COMPAT / "model")
+    env = _env(tmp_path)
+    (tmp_path / "logs").mkdir()
+    test = toy_root / "test"
+    # museval's estimates layout: ESTIMATES/<subset>/<track>/<target>.wav
+    _run([str(BIN / "separate"), str(tmp_path / "single" / "test"), str(model), str(test)], env)
+    job = _sbatch(["--wait", "--array=0-1", str(BIN / "step.sbatch"), "separate", str(tmp_path / "array" / "test"), str(model),
+                   str(test)], tmp_path, env)
+    assert job
+    import soundfile as sf
+
+    single, array = _tree(tmp_path / "single", "*.wav"), _tree(tmp_path / "array", "*.wav")
+    assert len(single) == 8 and single.keys() == array.keys()  # 2 tracks x 4 targets
+    for name in single:  # the same samples (float WAV headers carry libsndfile's write time)
+        a, b = sf.read(tmp_path / "single" / name)[0], sf.read(tmp_path / "array" / name)[0]
+        assert a.shape == b.shape and (a == b).all(), name
+    scores = ["--musdb", str(toy_root), "--is-wav", "--targets", "vocals,drums,bass,other"]
+    _run([str(BIN / "eval"), str(tmp_path / "s-single"), str(tmp_path / "single"), *scores], env)
+    _sbatch(["--wait", "--array=0-1", str(BIN / "step.sbatch"), "eval", str(tmp_path / "s-array"), str(tmp_path / "array"), *scores],
+            tmp_path, env)
+    import json
+
+    a = {k: json.loads(v)["targets"] for k, v in _tree(tmp_path / "s-single", "*.json").items()}
+    b = {k: json.loads(v)["targets"] for k, v in _tree(tmp_path / "s-array", "*.json").items()}
+    assert len(a) == 2 and a == b
+
+
+def test_two_process_training_through_srun_and_torchrun(slurm, toy_root, toy_cache, tmp_path):
+    from umxtools.cache import build_cache
+    from umxtools.datasets import MUSDB_SOURCES, musdb_tracks
+
+    valid = build_cache(musdb_tracks(toy_root, is_wav=True, subsets="test", split=None), tmp_path / "valid.h5",
+                        list(MUSDB_SOURCES), meta={"kind": "musdb", "additive": True})
+    env = {**_env(tmp_path), "NPROC": "2", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "model"
+    r = _run(["srun", "-N1", "-n1", "--export=ALL", str(BIN / "train"), str(toy_cache), str(valid), str(out), "--target", "vocals",
+              "--hidden-size", "16", "--nb-layers", "1", "--seq-dur", "1", "--samples-per-track", "2", "--batch-size", "4",
+              "--epochs", "1", "-q"], env, cwd=tmp_path)
+    assert sorted(p.name for p in out.glob("*.chkpnt")) == ["vocals.chkpnt"]
+    assert (out / "vocals.pth").exists() and (out / "separator.json").exists()
+    assert r.stdout.strip().splitlines()[-1] == str(out)

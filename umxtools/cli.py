@@ -554,19 +554,23 @@ def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool,
               help="Sample format: 16, 24 or 32f (float) [default: 32f for wav, 24 for flac].")
 @click.option("--clip", type=click.Choice(_registry("umxtools.stems", "CLIP_MODES")), default="clip", show_default=True,
               help="Integer output beyond full scale: clip it (with a warning) or rescale the track's stems by one gain.")
+@click.option("--shard", default=None, metavar="K/N", help="Separate only inputs i with i % N == K (one Slurm array task each).")
 @click.option("--force", is_flag=True, help="Replace existing output folders.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path, model: str, targets: str | None, niter: int,
                      softmask: bool, residual: bool, wiener_win_len: int, aggregate: tuple[str, ...], segment: float | None,
                      overlap: float, device: str, jobs: int, start: float, duration: float | None, keep_rate: bool, fmt: str,
-                     bits: str | None, clip: str, force: bool, quiet: bool) -> None:
+                     bits: str | None, clip: str, shard: str | None, force: bool, quiet: bool) -> None:
     """Separate audio files (or folders of them) into their sources with an Open-Unmix or umxtools model."""
     from umxtools.separate_files import Excerpt, collect_inputs, read_list, separate_files  # noqa: PLC0415
     from umxtools.separation import SeparationSettings, parse_aggregate  # noqa: PLC0415
     from umxtools.stems import OutputOptions  # noqa: PLC0415
 
+    from umxtools.cache import Shard  # noqa: PLC0415
+
     paths = [*inputs, *(read_list(list_file) if list_file else [])]
-    items = collect_inputs(paths)
+    part = Shard.parse(shard)
+    items = [item for i, item in enumerate(collect_inputs(paths)) if part.selects(i)]
     settings = SeparationSettings(niter=niter, softmask=softmask, residual=residual, wiener_win_len=wiener_win_len or None,
                                   aggregate=parse_aggregate(aggregate), segment=segment, overlap=overlap, device=device)
     options = OutputOptions(format=fmt, bits=bits, clip=clip, keep_rate=keep_rate, force=force)
