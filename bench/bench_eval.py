@@ -16,6 +16,8 @@ medians and each configuration's ratio to the baseline of the same run.
 
 from __future__ import annotations
 
+from results_io import write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 import json
 import os
 import platform
@@ -101,12 +103,6 @@ def machine() -> dict:
             "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()]}
 
 
-def write_json(out: Path, result: dict) -> None:
-    """Written under a temporary name in the destination folder, then renamed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
 
 
 def print_summary(result: dict) -> None:

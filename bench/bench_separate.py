@@ -27,6 +27,8 @@ another process takes a core (both sides run the same LSTMs, so their ratio is n
 
 from __future__ import annotations
 
+from results_io import write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 import json
 import os
 import platform
@@ -178,11 +180,6 @@ def machine() -> dict:
             "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()]}
 
 
-def write_json(out: Path, result: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
 
 
 def _median(runs: list[dict], key: str) -> float:
