@@ -1,0 +1,582 @@
+"""BSSEval v4 scores exactly as museval computes them, vectorised in torch.
+
+museval 0.4.1's ``evaluate(references, estimates, win=44100, hop=44100, mode="v4")`` scores every
+estimate against its reference in 1 s frames with the "images" decomposition of Vincent et al.
+(IEEE TASLP 2006) and the SiSEC 2018 change (Liutkus et al., LVA/ICA 2018): the 512-tap
+distortion filters are fitted once over the whole track, then every frame is projected with them.
+This module computes the same numbers by the same mathematics, batched over targets, channels and
+frames:
+
+1. inner products of every reference channel, delayed by up to 511 samples, with every reference
+   and estimate channel, over the whole track: block FFTs whose cross-spectra are summed;
+2. the Gram system of the delayed references, ``(targets * channels * 512)`` square, solved once
+   for all estimates (museval solves it once per target), and the small systems of each target's
+   own reference, solved as one batch;
+3. per chunk of frames: the spectra of the references and estimates, their projections through
+   the filters (one batched matrix product per frequency bin) and the energies of museval's error
+   terms (Parseval).
+
+docs/metrics.md maps each step to museval's functions and says where the numbers can differ.
+
+Shapes: ``references`` and ``estimates`` are ``(targets, samples, channels)``, museval's layout
+(``(targets, samples)`` is mono). Scores are ``(targets, frames)`` float64, NaN in frames where a
+reference or an estimate is silent. Computation is float64 on the device of the input tensors
+(numpy input: the CPU). Memory beyond the inputs: the Gram matrix (134 MB for 4 stereo targets),
+chunks of a few frames, and the frames' spectra between the two passes (up to _KEEP_BYTES).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+#: museval's ``bss_eval`` filter length (taps of the distortion filters).
+FILTERS_LEN = 512
+#: museval.evaluate's defaults at 44.1 kHz: 1 s windows, 1 s hops.
+WINDOW = 44100
+HOP = 44100
+#: the four scores, in museval.evaluate's return order.
+SCORES = ("sdr", "isr", "sir", "sar")
+
+# museval adds np.finfo(float).eps, an absolute value, to the Gram matrix's diagonal
+_EPS = float(np.finfo(np.float64).eps)
+# Block length of the whole-track correlations where the frames are not the blocks, and the
+# shortest frame used as a block (shorter blocks make the per-bin products overhead-bound)
+_BLOCK = 44100
+_MIN_BLOCK = 8192
+# complex values per array in a chunk of blocks or frames (16 bytes each: 32 MiB, 5 frames of 4
+# stereo targets). Measured on 2 cores, 30 s tracks: chunks of 1, 2, 5, 11 frames took 4.9, 4.0,
+# 3.8, 4.5 s: per-bin products of few frames are overhead-bound, larger temporaries page-fault.
+_CHUNK_VALUES = 2**21
+# The first pass keeps the frames' spectra for the second when they take at most this many bytes
+# (4 stereo targets: 5.8 MB per second of audio, so tracks up to about 6 minutes); longer tracks
+# are transformed twice (measured at 120 s: 10-20 % slower)
+_KEEP_BYTES = 2**31
+
+
+def bss_eval_v4(
+    references,
+    estimates,
+    window: int = WINDOW,
+    hop: int = HOP,
+    device: str | torch.device | None = None,
+) -> dict[str, np.ndarray | torch.Tensor]:
+    """museval's BSSEval v4 frame scores (whole-track distortion filters, images mode).
+
+    Args:
+        references: ``(targets, samples, channels)`` true sources, or ``(targets, samples)`` for
+            mono; a numpy array or a torch tensor of any real dtype.
+        estimates: the same shape; estimate ``j`` is scored against reference ``j``.
+        window: frame length in samples (museval's ``win``). A window of at least ``samples``
+            gives one frame over the whole track.
+        hop: frame hop in samples. Frames start at ``t * hop`` and are ``window`` long; samples
+            after the last whole frame are not scored (museval's ``Framing``).
+        device: where to compute; defaults to the device of ``references`` (numpy: the CPU).
+
+    Returns:
+        ``{"sdr", "isr", "sir", "sar"}``, each ``(targets, frames)`` float64 in dB: numpy arrays
+        for numpy input, tensors on ``device`` for tensor input. A frame in which any reference
+        or any estimate is silent (its channel sum is zero at every sample: museval's rule) is
+        NaN for every target; a zero error energy gives ``+inf``.
+
+    Raises:
+        ValueError: shapes that differ or are not 2- or 3-D, non-finite values, a reference or
+            estimate that is silent over the whole track (museval raises too), a window or hop
+            that is not a whole number of samples >= 1.
+    """
+    refs, ests = _prepare(references, estimates, device)
+    _check_not_silent(refs, ests)
+    scores = _bss_eval_v4(refs, ests, window, hop)
+    if not isinstance(references, torch.Tensor):
+        return {name: value.cpu().numpy() for name, value in scores.items()}
+    return scores
+
+
+def evaluate(references, estimates, win: int = WINDOW, hop: int = HOP, mode: str = "v4", padding: bool = True):
+    """Drop-in for ``museval.evaluate``: the same arguments and ``(SDR, ISR, SIR, SAR)`` return.
+
+    Args:
+        references: ``(targets, samples, channels)`` array-like; a list of ``(samples,
+            channels)`` arrays is stacked, as museval's ``np.array`` does.
+        estimates: ``(targets, samples_est, channels)`` array-like.
+        win, hop: frame length and hop in samples.
+        mode: ``"v4"`` only (museval's default; museval's ``"v3"`` refits the filters in every
+            frame and is not implemented here: use museval for it).
+        padding: museval's ``pad_or_truncate``: estimates shorter than the references are
+            zero-padded at the end, longer ones cut.
+
+    Returns:
+        ``(SDR, ISR, SIR, SAR)``, each a ``(targets, frames)`` float64 numpy array.
+    """
+    if mode != "v4":
+        raise ValueError(f"mode {mode!r} is not implemented here, only 'v4' (museval's default)")
+    references = _stack(references)
+    estimates = _stack(estimates)
+    if padding and references.ndim == 3 and estimates.ndim == 3:
+        estimates = _pad_or_truncate(estimates, references.shape[1])
+    refs, ests = _prepare(references, estimates, None)
+    _check_not_silent(refs, ests)
+    scores = _bss_eval_v4(refs, ests, win, hop)
+    return tuple(scores[name].cpu().numpy() for name in SCORES)
+
+
+def sdr_v4(references, estimates, window: int = WINDOW, hop: int = HOP) -> torch.Tensor:
+    """museval's v4 SDR per frame without fitting filters: ``(targets, frames)`` float64 tensor.
+
+    In the images decomposition the SDR's error is the sum of the spatial, interference and
+    artifact terms, which is ``estimate - reference`` whatever the filters are: the v4 SDR is
+    the framewise ``10 log10(|s|^2 / |e - s|^2)`` with museval's silent-frame NaN rule. It costs
+    O(samples), runs on the inputs' device, is differentiable for tensors and equals
+    ``bss_eval_v4(...)["sdr"]`` (tested): validation SDR during training.
+
+    Shapes and frames as :func:`bss_eval_v4`; a silent track gives NaN frames, not an error.
+    """
+    refs, ests = _prepare(references, estimates, None)
+    nb_targets, nb_samples, nb_channels = refs.shape
+    frame_len, nb_frames = _framing(nb_samples, window, hop)
+    refs = refs.to(torch.float64).unfold(1, frame_len, hop)[:, :nb_frames]  # (targets, frames, channels, frame_len)
+    ests = ests.to(torch.float64).unfold(1, frame_len, hop)[:, :nb_frames]
+    sdr = _db(refs.square().sum(dim=(2, 3)), (ests - refs).square().sum(dim=(2, 3)))
+    silent = _silent_frames(refs) | _silent_frames(ests)  # (frames,)
+    return sdr.masked_fill(silent[None, :], math.nan)
+
+
+def median_sdr(references, estimates, window: int = WINDOW, hop: int = HOP) -> torch.Tensor:
+    """Median over frames of :func:`sdr_v4`, NaN frames left out: ``(targets,)`` float64.
+
+    museval's per-track summary (its ``TrackStore`` aggregates frames with ``np.nanmedian``:
+    an even count averages the two middle values, as here). NaN where every frame is NaN.
+    """
+    return torch.nanquantile(sdr_v4(references, estimates, window, hop), 0.5, dim=1)
+
+
+# --- the computation --------------------------------------------------------------------------
+# Inside, audio is read in pieces as ``(2 * sources, samples)`` float64: the references' then the
+# estimates' channels, ``sources = targets * channels`` flattened target-major (museval's (target,
+# channel) order). Spectra are rearranged to ``(bins, blocks, 2 * sources)`` so that every per-bin
+# product is one batched matrix product.
+
+
+def _bss_eval_v4(refs: torch.Tensor, ests: torch.Tensor, window: int, hop: int) -> dict[str, torch.Tensor]:
+    """Scores of validated ``(targets, samples, channels)`` tensors; see :func:`bss_eval_v4`."""
+    nb_targets, nb_samples, nb_channels = refs.shape
+    nb_sources = nb_targets * nb_channels
+    taps = FILTERS_LEN
+    frame_len, nb_frames = _framing(nb_samples, window, hop)
+
+    # 1. The whole-track correlations are summed over blocks. Where the frames tile the track
+    # (museval's default, hop == window) the blocks are the frames, and their spectra, held from
+    # the first pass when they fit in _KEEP_BYTES, are the frames' spectra of step 3.
+    tiled = hop == frame_len and frame_len >= _MIN_BLOCK
+    block = frame_len if tiled else _BLOCK
+    # one FFT length holds a block's correlations up to taps - 1 lags without wrapping around,
+    # and the full linear convolution of a frame with a filter (museval's projections keep the
+    # filters' tails: frame_len + taps - 1 samples)
+    n_fft = _fast_fft_size(block + taps - 1)
+    nb_bins = n_fft // 2 + 1
+    keep = tiled and -(-nb_samples // block) * nb_bins * 2 * nb_sources * 16 <= _KEEP_BYTES
+    lags, kept, block_stats = _track_correlations(refs, ests, block, n_fft, taps - 1, keep)
+
+    # 2. whole-track filters (taps, sources_in, sources_out): onto all references, and onto
+    # each target's own reference (zero between different targets)
+    copies = _channel_copies(refs, lags[taps - 1])
+    filters_all, filters_own = _distortion_filters(lags, nb_targets, taps, copies)
+
+    # 3. frames: projections and energies, a chunk of frames at a time
+    if not tiled:
+        n_fft = _fast_fft_size(frame_len + taps - 1)
+        nb_bins = n_fft // 2 + 1
+    filters = torch.cat([filters_all, filters_own], dim=2)  # (taps, sources, 2 * sources)
+    filter_spec = torch.fft.rfft(filters, n=n_fft, dim=0).contiguous()  # (bins, sources, 2 * sources)
+    # Parseval with one-sided spectra: sum_n x[n]^2 = sum_k weight[k] |X[k]|^2. The frames'
+    # spectra are scaled by sqrt(weight), so every energy below is a plain sum of squares.
+    weight = torch.full((nb_bins, 1, 1), 2.0 / n_fft, dtype=torch.float64, device=refs.device)
+    weight[0] = 1.0 / n_fft
+    if n_fft % 2 == 0:
+        weight[-1] = 1.0 / n_fft
+    root_weight = weight.sqrt()
+
+    def energy(spec: torch.Tensor) -> torch.Tensor:  # (bins, frames, n) complex -> (frames, n, 1)
+        parts = torch.view_as_real(spec).reshape(nb_bins, -1)  # (bins, frames * n * 2)
+        norm = torch.linalg.vector_norm(parts, dim=0)
+        return norm.square().reshape(spec.shape[1], spec.shape[2], 2).sum(dim=2, keepdim=True)
+
+    def per_target(value: torch.Tensor) -> torch.Tensor:  # (frames, sources, ...) -> (frames, targets)
+        return value.reshape(value.shape[0], nb_targets, -1).sum(dim=2)
+
+    scores = {name: torch.empty(nb_frames, nb_targets, dtype=torch.float64, device=refs.device) for name in SCORES}
+    chunk = _chunk_size(nb_bins, 2 * nb_sources)
+    for first in range(0, nb_frames, chunk):
+        frames = slice(first, min(first + chunk, nb_frames))
+        nb_chunk = frames.stop - frames.start
+        if kept is not None:
+            spec = kept[:, frames]  # (bins, chunk, 2 * sources)
+            e_true, e_error, silent = (value[frames] for value in block_stats)
+        else:
+            audio = _frames(refs, ests, first, nb_chunk, hop, frame_len, n_fft)  # (chunk, 2 * sources, n_fft)
+            spec = _bins_first(torch.fft.rfft(audio))
+            e_true, e_error, silent = _time_stats(audio[..., :frame_len], nb_targets)
+        spec.mul_(root_weight)
+        ref_spec, est_spec = spec[..., :nb_sources], spec[..., nb_sources:]
+        proj = torch.matmul(ref_spec, filter_spec)  # (bins, chunk, 2 * sources)
+        # museval's _project(reference_sources, C) and _project(reference_sources[j], Cj)
+        proj_all, proj_own = proj[..., :nb_sources], proj[..., nb_sources:]
+        e_proj, e_filt = energy(proj).split(nb_sources, dim=1)  # |s_true + e_spat (+ e_interf)|^2
+        if nb_targets == 1:  # one system: museval's two projections are the same numbers
+            proj_all, e_proj = proj_own, e_filt
+        out = {
+            "sdr": _db(per_target(e_true), per_target(e_error)),
+            "isr": _db(per_target(e_true), per_target(energy(proj_own - ref_spec))),  # e_spat
+            "sir": _db(per_target(e_filt), per_target(energy(proj_all - proj_own))),  # e_interf
+            "sar": _db(per_target(e_proj), per_target(energy(est_spec - proj_all))),  # e_artif
+        }
+        for name in SCORES:
+            scores[name][frames] = out[name].masked_fill(silent[:, None], math.nan)
+    return {name: value.T.contiguous() for name, value in scores.items()}
+
+
+def _track_correlations(
+    refs: torch.Tensor, ests: torch.Tensor, block: int, n_fft: int, max_lag: int, keep: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]:
+    """Whole-track ``lags[max_lag + k, u, q] = sum_n ref_u[n] * x_q[n + k]`` for ``|k| <= max_lag``.
+
+    ``x`` is the references' then the estimates' channels, all zero outside the track; ``lags``
+    is ``(2 * max_lag + 1, sources, 2 * sources)``: museval's whole-track sums (it takes one FFT
+    of the whole track per channel), here over consecutive blocks of ``block >= max_lag``
+    samples. Within each block, cross-spectra of FFTs of ``n_fft >= block + max_lag`` points (no
+    lag wraps around) are summed over all blocks before one inverse FFT; the products that
+    straddle a boundary between blocks involve only ``max_lag`` samples on each side and come
+    from small FFTs around each boundary. Memory: a chunk of blocks, plus the kept spectra.
+
+    Returns ``lags``; with ``keep``, the spectra of all blocks, ``(bins, blocks, 2 * sources)``
+    (then the cross-spectra are one batched product over all blocks at the end, else one per
+    chunk: fewer, larger products are faster); and :func:`_time_stats` of every block.
+    """
+    nb_targets, nb_samples, nb_channels = refs.shape
+    nb_sources = nb_targets * nb_channels
+    assert block >= max_lag and n_fft >= block + max_lag
+    nb_blocks = -(-nb_samples // block)
+    nb_bins = n_fft // 2 + 1
+    cross = torch.zeros(nb_bins, nb_sources, 2 * nb_sources, dtype=torch.complex128, device=refs.device)
+    kept = None
+    if keep:
+        kept = torch.empty(nb_bins, nb_blocks, 2 * nb_sources, dtype=torch.complex128, device=refs.device)
+    stats = []
+    chunk = _chunk_size(nb_bins, 2 * nb_sources)
+    for first in range(0, nb_blocks, chunk):
+        nb_chunk = min(chunk, nb_blocks - first)
+        audio = _frames(refs, ests, first, nb_chunk, block, block, n_fft)  # (chunk, 2 * sources, n_fft)
+        stats.append(_time_stats(audio[..., :block], nb_targets))
+        spec = torch.fft.rfft(audio)  # (chunk, 2 * sources, bins)
+        if kept is not None:
+            kept[:, first:first + nb_chunk] = spec.permute(2, 0, 1)
+        else:
+            spec = _bins_first(spec)  # (bins, chunk, 2 * sources)
+            cross += torch.matmul(spec[..., :nb_sources].mH, spec)  # (bins, sources, 2 * sources)
+    if kept is not None:
+        # in slices of bins: the conjugate-transposed operand is materialised by the product
+        step = _chunk_size(nb_blocks, nb_sources)
+        for low in range(0, nb_bins, step):
+            bins = kept[low:low + step]
+            cross[low:low + step] = torch.matmul(bins[..., :nb_sources].mH, bins)
+    lags = _lags(cross, n_fft, max_lag)
+
+    # products across the boundary b between two blocks: the last max_lag samples before b (the
+    # tail) against the first max_lag from b (the head), and the head against the tail, placed
+    # where they lie in [b - max_lag, b + max_lag) and correlated with 4 * max_lag points or more
+    if nb_blocks > 1:
+        size = _fast_fft_size(4 * max_lag)
+        nb_small = size // 2 + 1
+        cross = torch.zeros(nb_small, nb_sources, 2 * nb_sources, dtype=torch.complex128, device=refs.device)
+        offsets = torch.arange(-max_lag, max_lag, device=refs.device)
+        boundaries = torch.arange(1, nb_blocks, device=refs.device) * block
+        chunk = _chunk_size(2 * nb_small, 2 * nb_sources)
+        for first in range(0, len(boundaries), chunk):
+            around = _gather(refs, ests, boundaries[first:first + chunk, None] + offsets)
+            # (chunk, 2 * sources, 2 * max_lag)
+            tail = _bins_first(torch.fft.rfft(around[..., :max_lag], n=size))  # (bins, chunk, 2 * sources)
+            head = _bins_first(torch.fft.rfft(torch.nn.functional.pad(around[..., max_lag:], (max_lag, 0)), n=size))
+            cross += torch.matmul(tail[..., :nb_sources].mH, head)
+            cross += torch.matmul(head[..., :nb_sources].mH, tail)
+        lags += _lags(cross, size, max_lag)
+    if not bool(torch.isfinite(lags).all()):
+        raise ValueError("references or estimates contain NaN or infinite values")
+    return lags, kept, tuple(torch.cat(values) for values in zip(*stats))
+
+
+def _lags(cross: torch.Tensor, n_fft: int, max_lag: int) -> torch.Tensor:
+    """Lags ``-max_lag .. max_lag`` of the circular correlations whose ``(bins, P, Q)`` one-sided
+    cross-spectra are ``cross``: ``(2 * max_lag + 1, P, Q)`` (circular lag ``j`` is lag ``j``, or
+    ``j - n_fft`` past the middle)."""
+    circular = torch.fft.irfft(cross.permute(1, 2, 0).contiguous(), n=n_fft)  # (P, Q, n_fft): FFT along memory
+    return torch.cat([circular[..., n_fft - max_lag:], circular[..., :max_lag + 1]], dim=-1).permute(2, 0, 1)
+
+
+def _distortion_filters(
+    lags: torch.Tensor, nb_targets: int, taps: int, copies: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares FIR filters from the delayed references to each estimate, whole track.
+
+    museval's ``_compute_reference_correlations`` and ``_compute_projection_filters``: the Gram
+    matrix ``G[(u, a), (v, b)] = <ref_u delayed a, ref_v delayed b>`` over reference channels
+    ``u, v`` and delays ``a, b < taps`` and ``D[(u, a), e] = <ref_u delayed a, est_e>``, solved
+    with ``G + eps I``; and the same restricted to each target's own reference channels.
+
+    ``lags``: :func:`_track_correlations` with ``max_lag = taps - 1``; ``copies``:
+    :func:`_channel_copies`. A channel that copies another of the same system is left out of it
+    where it makes the system singular (its filters are then zero: a copy adds nothing to the
+    span of the delayed references). Returns ``filters_all``
+    and ``filters_own``, each ``(taps, sources_in, sources_out)``: ``filters_all[:, u, e]`` maps
+    reference channel ``u`` to estimate channel ``e``; ``filters_own`` is zero where ``u`` and
+    ``e`` belong to different targets.
+    """
+    nb_sources = lags.shape[1]
+    nb_channels = nb_sources // nb_targets
+
+    # <ref_u delayed a, ref_v delayed b> = sum_n ref_u[n] ref_v[n + a - b]: a Toeplitz block per
+    # (u, v), read from a Hankel view (index a + b') flipped along b' = taps - 1 - b
+    ref_lags = lags[:, :, :nb_sources].permute(1, 2, 0).contiguous()  # (sources u, sources v, lags)
+    nb_lags = 2 * taps - 1
+    hankel = ref_lags.as_strided((nb_sources, taps, nb_sources, taps), (nb_sources * nb_lags, 1, nb_lags, 1))
+    gram = hankel.flip(3).reshape(nb_sources * taps, nb_sources * taps)  # rows (u, a), columns (v, b)
+    # <ref_u delayed a, est_e> = sum_n ref_u[n] est_e[n + a]
+    rhs = lags[taps - 1:, :, nb_sources:].transpose(0, 1).reshape(nb_sources * taps, nb_sources)
+
+    # each target's own system: its channels' rows and columns, its estimate's columns
+    # (copied before the diagonal of `gram` changes in place)
+    block = nb_channels * taps
+    gram_own = torch.stack([gram[j * block:(j + 1) * block, j * block:(j + 1) * block] for j in range(nb_targets)])
+    rhs_own = torch.stack(
+        [rhs[j * block:(j + 1) * block, j * nb_channels:(j + 1) * nb_channels] for j in range(nb_targets)]
+    )
+    gram.diagonal().add_(_EPS)
+    gram_own.diagonal(dim1=1, dim2=2).add_(_EPS)
+
+    redundant = copies != torch.arange(nb_sources, device=copies.device)  # (sources,): copies an earlier one
+    filters_all = _solve(gram, rhs, redundant.repeat_interleave(taps)).reshape(nb_sources, taps, nb_sources)
+    filters_all = filters_all.transpose(0, 1)
+    if nb_targets == 1:
+        return filters_all, filters_all  # the own system is the whole system
+    own_redundant = torch.stack([_redundant(copies[j * nb_channels:(j + 1) * nb_channels]) for j in range(nb_targets)])
+    own = _solve(gram_own, rhs_own, own_redundant.repeat_interleave(taps, dim=1))
+    own = own.reshape(nb_targets, nb_channels, taps, nb_channels)
+    filters_own = lags.new_zeros((taps, nb_targets, nb_channels, nb_targets, nb_channels))
+    for j in range(nb_targets):
+        filters_own[:, j, :, j, :] = own[j].transpose(0, 1)
+    return filters_all, filters_own.reshape(taps, nb_sources, nb_sources)
+
+
+def _solve(matrix: torch.Tensor, rhs: torch.Tensor, redundant: torch.Tensor) -> torch.Tensor:
+    """Solve the symmetric positive semi-definite system(s) ``matrix @ x = rhs``.
+
+    ``matrix`` ``(..., n, n)``, ``rhs`` ``(..., n, r)``, ``redundant`` ``(..., n)`` bool: rows and
+    columns of an exactly repeated channel, left out (their solution is 0): every least-squares
+    solution gives the same projections then, museval's LU included, and without them the system
+    is not singular. museval calls ``np.linalg.solve`` (LU), and ``np.linalg.lstsq`` where LU finds
+    the matrix exactly singular. Here Cholesky: LU's solution to rounding wherever the matrix is
+    positive definite in floating point, at half the cost; where it is not, LU; where LU meets an
+    exact zero pivot, least squares (SVD, minimum norm, as numpy's ``lstsq``). See
+    docs/metrics.md on singular systems.
+    """
+    if bool(redundant.any()):
+        if matrix.ndim > 2:  # a batch: each system on its own
+            return torch.stack([_solve(*system) for system in zip(matrix, rhs, redundant)])
+        keep = (~redundant).nonzero()[:, 0]
+        solution = rhs.new_zeros(rhs.shape)
+        solution[keep] = _solve(matrix[keep][:, keep], rhs[keep], redundant[keep])
+        return solution
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if not bool((info != 0).any()):
+        return torch.cholesky_solve(rhs, factor)
+    if matrix.ndim > 2:
+        return torch.stack([_solve(*system) for system in zip(matrix, rhs, redundant)])
+    solution, info = torch.linalg.solve_ex(matrix, rhs)
+    if int(info) == 0:
+        return solution
+    return torch.linalg.lstsq(matrix.cpu(), rhs.cpu(), driver="gelsd").solution.to(rhs.device)
+
+
+def _channel_copies(refs: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
+    """``(sources,)``: for each reference channel, the first channel equal to it sample for sample
+    (itself if none earlier is).
+
+    An exact copy (a mono stem stored as stereo) makes museval's Gram matrix exactly singular.
+    ``energies``: lag-0 inner products ``(sources, >= sources)`` of :func:`_track_correlations`:
+    samples are compared only where the energies and the cross term agree.
+    """
+    nb_targets, _, nb_channels = refs.shape
+    nb_sources = nb_targets * nb_channels
+    energy = energies[:, :nb_sources].diagonal().tolist()
+    cross = energies[:, :nb_sources].tolist()
+    copies = list(range(nb_sources))
+    for u in range(nb_sources):
+        for v in range(u):
+            if copies[v] != v or max(abs(energy[u] - energy[v]), abs(cross[u][v] - energy[u])) > 1e-9 * energy[u]:
+                continue
+            if torch.equal(refs[u // nb_channels, :, u % nb_channels], refs[v // nb_channels, :, v % nb_channels]):
+                copies[u] = v
+                break
+    return torch.tensor(copies, device=refs.device)
+
+
+def _redundant(copies: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` bool: the channels among ``copies`` (:func:`_channel_copies` of the channels of one
+    system) equal to an earlier channel of the same system."""
+    first = {}
+    flags = []
+    for label in copies.tolist():
+        flags.append(label in first)
+        first.setdefault(label, True)
+    return torch.tensor(flags, device=copies.device)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _prepare(references, estimates, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(targets, samples, channels)`` tensors on ``device`` (their own dtype), validated."""
+    if device is None:
+        device = references.device if isinstance(references, torch.Tensor) else "cpu"
+    refs = _as_tensor(references, device)
+    ests = _as_tensor(estimates, device)
+    if refs.shape != ests.shape:
+        raise ValueError(
+            f"references {tuple(refs.shape)} and estimates {tuple(ests.shape)} must have the same "
+            "(targets, samples, channels) shape"
+        )
+    if refs.ndim == 2:
+        refs, ests = refs[..., None], ests[..., None]  # (targets, samples): mono
+    if refs.ndim != 3 or refs.numel() == 0:
+        raise ValueError(f"expected (targets, samples, channels) audio, got shape {tuple(refs.shape)}")
+    return refs, ests
+
+
+def _check_not_silent(refs: torch.Tensor, ests: torch.Tensor) -> None:
+    """museval's ``validate``: BSSEval is undefined for a source that is silent throughout."""
+    for name, value in (("reference", refs), ("estimate", ests)):
+        channel_sum = value[..., 0]
+        for channel in range(1, value.shape[2]):
+            channel_sum = channel_sum + value[..., channel]
+        silent = (channel_sum == 0).all(dim=1)  # (targets,)
+        if bool(silent.any()):
+            raise ValueError(
+                f"{name} {int(silent.nonzero()[0, 0])} is silent over the whole track: BSSEval is "
+                "undefined for it (museval refuses it too)"
+            )
+
+
+def _as_tensor(value, device) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        value = torch.as_tensor(np.asarray(value))
+    if not (value.is_floating_point() or value.dtype in (torch.int16, torch.int32, torch.int64)):
+        raise ValueError(f"expected real audio samples, got dtype {value.dtype}")
+    return value.to(device)
+
+
+def _stack(value):
+    """museval.evaluate's ``np.array(...)`` of a list of per-target arrays; tensors unchanged."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value
+    return np.stack([np.asarray(item) for item in value])
+
+
+def _pad_or_truncate(estimates, nb_samples: int):
+    """museval's ``pad_or_truncate``: estimates cut or zero-padded at the end to ``nb_samples``."""
+    nb_est = estimates.shape[1]
+    if nb_est >= nb_samples:
+        return estimates[:, :nb_samples]
+    if isinstance(estimates, torch.Tensor):
+        return torch.nn.functional.pad(estimates, (0, 0, 0, nb_samples - nb_est))
+    return np.pad(estimates, [(0, 0), (0, nb_samples - nb_est), (0, 0)])
+
+
+def _frames(
+    refs: torch.Tensor, ests: torch.Tensor, first: int, count: int, hop: int, length: int, n_fft: int
+) -> torch.Tensor:
+    """Frames ``first .. first + count - 1`` (frame ``i``: samples ``[i * hop, i * hop + length)``,
+    zero past the track's end) of the references' then the estimates' channels, zero-padded to
+    ``n_fft``: ``(count, 2 * sources, n_fft)`` float64, from ``(targets, samples, channels)``."""
+    nb_targets, nb_samples, nb_channels = refs.shape
+    start, stop = first * hop, (first + count - 1) * hop + length
+    out = torch.empty(count, 2, nb_targets, nb_channels, n_fft, dtype=torch.float64, device=refs.device)
+    out[..., length:] = 0
+    for index, audio in enumerate((refs, ests)):
+        piece = audio[:, start:min(stop, nb_samples)]  # (targets, samples, channels)
+        if stop > nb_samples:
+            piece = torch.nn.functional.pad(piece, (0, 0, 0, stop - max(start, nb_samples)))
+        out[:, index, :, :, :length] = piece.unfold(1, length, hop).transpose(0, 1)
+    return out.reshape(count, 2 * nb_targets * nb_channels, n_fft)
+
+
+def _time_stats(audio: torch.Tensor, nb_targets: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per frame of ``(frames, 2 * sources, length)`` audio (references then estimates): the
+    references' energies ``|s_true|^2`` and the errors' ``|estimate - s_true|^2`` per source
+    (museval's SDR: ``e_spat + e_interf + e_artif = estimate - s_true``), each ``(frames,
+    sources)``, and ``(frames,)`` whether any reference or estimate is silent (its channel sum
+    is zero at every sample: museval's ``_any_source_silent``)."""
+    nb_frames, nb_signals, length = audio.shape
+    ref, est = audio.split(nb_signals // 2, dim=1)
+    channel_sum = audio.reshape(nb_frames, 2 * nb_targets, -1, length).sum(dim=2)
+    silent = (channel_sum == 0).all(dim=2).any(dim=1)
+    return ref.square().sum(dim=2), (est - ref).square().sum(dim=2), silent
+
+
+def _gather(refs: torch.Tensor, ests: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Samples at ``index`` ``(n, length)`` (zero past the track's end) of the references' then
+    the estimates' channels: ``(n, 2 * sources, length)`` float64."""
+    nb_targets, nb_samples, nb_channels = refs.shape
+    inside = (index < nb_samples).to(torch.float64)[:, None, :]
+    index = index.clamp(max=nb_samples - 1)
+    parts = [audio[:, index].to(torch.float64).permute(1, 0, 3, 2) for audio in (refs, ests)]
+    # (n, targets, channels, length) each
+    return torch.cat(parts, dim=1).reshape(index.shape[0], 2 * nb_targets * nb_channels, -1) * inside
+
+
+def _chunk_size(nb_bins: int, nb_signals: int) -> int:
+    """Blocks or frames per chunk: arrays of about _CHUNK_VALUES complex values."""
+    return max(1, _CHUNK_VALUES // (nb_bins * nb_signals))
+
+
+def _bins_first(spec: torch.Tensor) -> torch.Tensor:
+    """``(batch, sources, bins)`` spectra as a contiguous ``(bins, batch, sources)`` tensor."""
+    nb_batch, nb_sources, nb_bins = spec.shape
+    return spec.reshape(nb_batch * nb_sources, nb_bins).T.contiguous().reshape(nb_bins, nb_batch, nb_sources)
+
+
+def _framing(nb_samples: int, window: int, hop: int) -> tuple[int, int]:
+    """(frame length, number of frames) of museval's ``Framing``."""
+    if int(window) != window or int(hop) != hop or window < 1 or hop < 1:
+        raise ValueError(f"window and hop must be whole numbers of samples >= 1, got {window} and {hop}")
+    window, hop = int(window), int(hop)
+    if window < nb_samples:
+        return window, (nb_samples - window + hop) // hop
+    return nb_samples, 1
+
+
+def _silent_frames(frames: torch.Tensor) -> torch.Tensor:
+    """``(frames,)``: some target's channel sum is zero at every sample of the frame (museval's
+    ``_any_source_silent``). ``frames``: ``(targets, frames, channels, frame_len)``."""
+    return (frames.sum(dim=2) == 0).all(dim=2).any(dim=0)
+
+
+def _db(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """museval's ``_safe_db``: ``10 log10(num / den)``, ``+inf`` where ``den`` is exactly 0."""
+    return torch.where(den == 0, math.inf, 10 * torch.log10(num / den))
+
+
+def _fast_fft_size(n: int) -> int:
+    """Smallest 5-smooth integer >= n (a length pocketfft, MKL and cuFFT transform fast)."""
+    best = 1 << max(0, (n - 1).bit_length())
+    power5 = 1
+    while power5 < best:
+        power35 = power5
+        while power35 < best:
+            size = power35
+            while size < n:
+                size *= 2
+            best = min(best, size)
+            power35 *= 3
+        power5 *= 5
+    return best
