@@ -36,6 +36,7 @@ import h5py
 import numpy as np
 
 from umxtools import __version__
+from umxtools.audio import _first_line
 from umxtools.datasets import Track, TrackRef, load_track
 from umxtools.errors import CacheError, StaleCacheError, UmxError, UsageError
 from umxtools.transforms import STFTSettings
@@ -649,7 +650,7 @@ def check_cache(path: str | Path) -> list[str]:
                     try:
                         ok = crc32(d[()]) == int(d.attrs["crc32"])
                     except (OSError, KeyError) as exc:
-                        problems.append(f"track {t.name!r} {kind}/{role}: unreadable ({audio_first_line(exc)})")
+                        problems.append(f"track {t.name!r} {kind}/{role}: unreadable ({_first_line(exc)})")
                         continue
                     if not ok:
                         problems.append(f"track {t.name!r} {kind}/{role}: checksum mismatch")
@@ -657,6 +658,3 @@ def check_cache(path: str | Path) -> list[str]:
                 problems.append(f"track {t.name!r}: input {changed} changed since the cache was built (stale)")
     return problems
 
-
-def audio_first_line(exc: BaseException) -> str:
-    return (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
