@@ -657,4 +657,3 @@ def check_cache(path: str | Path) -> list[str]:
             for changed in _changed_inputs(json.loads(g.attrs["inputs"])):
                 problems.append(f"track {t.name!r}: input {changed} changed since the cache was built (stale)")
     return problems
-
