@@ -22,7 +22,8 @@ Shapes: ``references`` and ``estimates`` are ``(targets, samples, channels)``, m
 (``(targets, samples)`` is mono). Scores are ``(targets, frames)`` float64, NaN in frames where a
 reference or an estimate is silent. Computation is float64 on the device of the input tensors
 (numpy input: the CPU). Memory beyond the inputs: the Gram matrix (134 MB for 4 stereo targets),
-chunks of a few frames, and the frames' spectra between the two passes (up to _KEEP_BYTES).
+chunks of frames (330 MB of buffers for 4 stereo targets), and the frames' spectra between the
+two passes (up to _KEEP_BYTES).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ _MIN_BLOCK = 8192
 # stereo targets). Measured on 2 cores, 30 s tracks: chunks of 1, 2, 5, 11 frames took 4.9, 4.0,
 # 3.8, 4.5 s: per-bin products of few frames are overhead-bound, larger temporaries page-fault.
 _CHUNK_VALUES = 2**21
+# complex values per array in a chunk of frames of the last step, whose buffers are reused
+# (4 stereo targets: 23 frames, 330 MB of buffers). Measured on one core of the 2-core machine,
+# 60 s tracks, medians of 3: 2**21, 2**22, 2**23 took 4.4, 4.4 and 3.9 s
+_FRAME_CHUNK_VALUES = 2**23
 # The first pass keeps the frames' spectra for the second when they take at most this many bytes
 # (4 stereo targets: 5.8 MB per second of audio, so tracks up to about 6 minutes); longer tracks
 # are transformed twice (measured at 120 s: 10-20 % slower)
@@ -198,16 +203,29 @@ def _bss_eval_v4(refs: torch.Tensor, ests: torch.Tensor, window: int, hop: int) 
         weight[-1] = 1.0 / n_fft
     root_weight = weight.sqrt()
 
-    def energy(spec: torch.Tensor) -> torch.Tensor:  # (bins, frames, n) complex -> (frames, n, 1)
-        parts = torch.view_as_real(spec).reshape(nb_bins, -1)  # (bins, frames * n * 2)
-        norm = torch.linalg.vector_norm(parts, dim=0)
-        return norm.square().reshape(spec.shape[1], spec.shape[2], 2).sum(dim=2, keepdim=True)
+    # Every product, difference and square of step 3 is written into buffers allocated once:
+    # fresh temporaries of this size cost more in page faults than their arithmetic (measured on
+    # the 2-core machine: a difference of two 14 MB arrays took 17 ms into a new array, 5.6 ms
+    # into a reused one), and with reused buffers a chunk can hold more frames, which makes the
+    # per-bin products less overhead-bound.
+    chunk = _chunk_size(nb_bins, 2 * nb_sources, _FRAME_CHUNK_VALUES)
+    size = nb_bins * min(chunk, nb_frames) * nb_sources
+    proj_buffer = torch.empty(2 * size, dtype=torch.complex128, device=refs.device)
+    diff_buffer = torch.empty(size, dtype=torch.complex128, device=refs.device)
+    square_buffer = torch.empty(4 * size, dtype=torch.float64, device=refs.device)
 
-    def per_target(value: torch.Tensor) -> torch.Tensor:  # (frames, sources, ...) -> (frames, targets)
+    def energy(spec: torch.Tensor) -> torch.Tensor:  # contiguous (bins, frames, n) complex -> (frames, n)
+        parts = torch.view_as_real(spec).reshape(nb_bins, -1)  # (bins, frames * n * 2)
+        squares = torch.mul(parts, parts, out=square_buffer[:parts.numel()].view(parts.shape))
+        return squares.sum(dim=0).reshape(spec.shape[1], spec.shape[2], 2).sum(dim=2)
+
+    def error_energy(spec: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:  # |spec - approx|^2
+        return energy(torch.sub(spec, approx, out=diff_buffer[:spec.numel()].view(spec.shape)))
+
+    def per_target(value: torch.Tensor) -> torch.Tensor:  # (frames, sources) -> (frames, targets)
         return value.reshape(value.shape[0], nb_targets, -1).sum(dim=2)
 
     scores = {name: torch.empty(nb_frames, nb_targets, dtype=torch.float64, device=refs.device) for name in SCORES}
-    chunk = _chunk_size(nb_bins, 2 * nb_sources)
     for first in range(0, nb_frames, chunk):
         frames = slice(first, min(first + chunk, nb_frames))
         nb_chunk = frames.stop - frames.start
@@ -218,9 +236,11 @@ def _bss_eval_v4(refs: torch.Tensor, ests: torch.Tensor, window: int, hop: int) 
             audio = _frames(refs, ests, first, nb_chunk, hop, frame_len, n_fft)  # (chunk, 2 * sources, n_fft)
             spec = _bins_first(torch.fft.rfft(audio))
             e_true, e_error, silent = _time_stats(audio[..., :frame_len], nb_targets)
+            del audio
         spec.mul_(root_weight)
         ref_spec, est_spec = spec[..., :nb_sources], spec[..., nb_sources:]
-        proj = torch.matmul(ref_spec, filter_spec)  # (bins, chunk, 2 * sources)
+        proj = proj_buffer[:nb_bins * nb_chunk * 2 * nb_sources].view(nb_bins, nb_chunk, 2 * nb_sources)
+        torch.matmul(ref_spec, filter_spec, out=proj)
         # museval's _project(reference_sources, C) and _project(reference_sources[j], Cj)
         proj_all, proj_own = proj[..., :nb_sources], proj[..., nb_sources:]
         e_proj, e_filt = energy(proj).split(nb_sources, dim=1)  # |s_true + e_spat (+ e_interf)|^2
@@ -228,9 +248,9 @@ def _bss_eval_v4(refs: torch.Tensor, ests: torch.Tensor, window: int, hop: int) 
             proj_all, e_proj = proj_own, e_filt
         out = {
             "sdr": _db(per_target(e_true), per_target(e_error)),
-            "isr": _db(per_target(e_true), per_target(energy(proj_own - ref_spec))),  # e_spat
-            "sir": _db(per_target(e_filt), per_target(energy(proj_all - proj_own))),  # e_interf
-            "sar": _db(per_target(e_proj), per_target(energy(est_spec - proj_all))),  # e_artif
+            "isr": _db(per_target(e_true), per_target(error_energy(proj_own, ref_spec))),  # e_spat
+            "sir": _db(per_target(e_filt), per_target(error_energy(proj_all, proj_own))),  # e_interf
+            "sar": _db(per_target(e_proj), per_target(error_energy(est_spec, proj_all))),  # e_artif
         }
         for name in SCORES:
             scores[name][frames] = out[name].masked_fill(silent[:, None], math.nan)
@@ -387,15 +407,48 @@ def _solve(matrix: torch.Tensor, rhs: torch.Tensor, redundant: torch.Tensor) -> 
         solution = rhs.new_zeros(rhs.shape)
         solution[keep] = _solve(matrix[keep][:, keep], rhs[keep], redundant[keep])
         return solution
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    if not bool((info != 0).any()):
-        return torch.cholesky_solve(rhs, factor)
+    if matrix.ndim == 2 and matrix.device.type == "cpu":
+        solution = _cholesky_solve_lapack(matrix, rhs)
+        if solution is not None:
+            return solution
+    else:
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        if not bool((info != 0).any()):
+            return torch.cholesky_solve(rhs, factor)
     if matrix.ndim > 2:
         return torch.stack([_solve(*system) for system in zip(matrix, rhs, redundant)])
     solution, info = torch.linalg.solve_ex(matrix, rhs)
     if int(info) == 0:
         return solution
     return torch.linalg.lstsq(matrix.cpu(), rhs.cpu(), driver="gelsd").solution.to(rhs.device)
+
+
+def _cholesky_solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor | None:
+    """Cholesky solve of one symmetric CPU system by LAPACK's ``dpotrf``/``dpotrs`` (scipy), or
+    None where ``matrix`` is not positive definite in floating point.
+
+    ``matrix`` is overwritten by its factor where it succeeds, and left as it was where it
+    fails. ``torch.linalg.cholesky_ex`` copies the matrix and
+    zeroes the other triangle; ``dpotrf`` works in place and leaves it: measured on one core of
+    the 2-core machine, 4096 square, 0.7 s against 1.6 s. A C-contiguous symmetric matrix is its
+    own transpose, so its memory is handed to LAPACK as the Fortran-ordered matrix, uncopied.
+    """
+    from scipy.linalg import lapack  # noqa: PLC0415  (scipy comes with museval)
+
+    matrix = matrix.contiguous()
+    diagonal = matrix.diagonal().clone()
+    lower = matrix.numpy().T  # Fortran order, the same matrix
+    factor, info = lapack.dpotrf(lower, lower=1, clean=0, overwrite_a=1)
+    if info != 0:
+        # dpotrf wrote (part of) the Fortran lower triangle, the upper one of the C view, and
+        # left the strict lower one: restore the matrix for the fallbacks
+        strict = matrix.tril(-1)
+        matrix.copy_(strict + strict.T).diagonal().copy_(diagonal)
+        return None
+    solution, info = lapack.dpotrs(factor, rhs.numpy(), lower=1)
+    if info != 0:
+        return None
+    return torch.from_numpy(solution)
 
 
 def _channel_copies(refs: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
@@ -534,9 +587,9 @@ def _gather(refs: torch.Tensor, ests: torch.Tensor, index: torch.Tensor) -> torc
     return torch.cat(parts, dim=1).reshape(index.shape[0], 2 * nb_targets * nb_channels, -1) * inside
 
 
-def _chunk_size(nb_bins: int, nb_signals: int) -> int:
-    """Blocks or frames per chunk: arrays of about _CHUNK_VALUES complex values."""
-    return max(1, _CHUNK_VALUES // (nb_bins * nb_signals))
+def _chunk_size(nb_bins: int, nb_signals: int, values: int = _CHUNK_VALUES) -> int:
+    """Blocks or frames per chunk: arrays of about ``values`` complex values."""
+    return max(1, values // (nb_bins * nb_signals))
 
 
 def _bins_first(spec: torch.Tensor) -> torch.Tensor:
