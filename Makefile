@@ -52,6 +52,7 @@ bench: install
 	$(PYTHON) bench/bench_cache.py --out results/bench_cache.json
 	$(PYTHON) bench/bench_separate.py --out results/bench_separate.json
 	$(PYTHON) bench/bench_eval.py --out results/bench_eval.json
+	$(PYTHON) bench/bench_metrics.py --out results/bench_metrics.json
 	$(PYTHON) bench/bench_train.py --out results/bench_train.json
 
 # the whole pipeline on the toy data, small enough for a few minutes on 2 cores

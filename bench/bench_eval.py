@@ -9,8 +9,8 @@ scored per second of wall time*:
 - ``umxtools_jobs_1`` and ``umxtools_jobs_2``: ``umxtools.evaluation.evaluate_estimates`` into a
   fresh scores folder with 1 (in this process) and 2 worker processes (one BLAS thread each).
 
-Both score the same targets with the same backend (museval), so per-track JSONs are compared
-too (``agree``). Each timing is repeated; the JSON written to ``--out`` holds every run, the
+Both score the same targets with the same backend, museval (umxtools eval's default, the fast
+backend, is measured by ``bench_metrics.py``), so per-track JSONs are compared too (``agree``). Each timing is repeated; the JSON written to ``--out`` holds every run, the
 medians and each configuration's ratio to the baseline of the same run.
 """
 
@@ -62,7 +62,7 @@ def bench_baseline(root: Path, estimates: Path, out: Path, targets: list[str]) -
 def bench_umxtools(root: Path, estimates: Path, out: Path, targets: list[str], jobs: int) -> dict:
     start = time.perf_counter()
     summary = evaluate_estimates(estimates, MusdbReferences(str(root), is_wav=True, subset="test"), out, targets=targets,
-                                 jobs=jobs, force=True)
+                                 backend="museval", jobs=jobs, force=True)
     elapsed = time.perf_counter() - start
     assert not summary.failed, summary.failed
     return {"seconds": round(elapsed, 3), "audio_s": round(summary.seconds_scored, 3),

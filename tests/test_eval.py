@@ -64,8 +64,10 @@ def _load(path: Path) -> dict:
 # --- exactness ------------------------------------------------------------------------------
 
 
-def test_sample_reproduces_museval_regression_reference(tmp_path, run_cli):
-    """museval's own reference scores of random estimates of the real sample, frame by frame.
+@pytest.mark.parametrize("backend", [None, "museval"])
+def test_sample_reproduces_museval_regression_reference(tmp_path, run_cli, backend):
+    """museval's own reference scores of random estimates of the real sample, frame by frame,
+    with the default (fast) backend and with museval.
 
     The reference stores values quantised to 1e-5 (museval's TrackStore); museval 0.4.1 and
     umxtools reproduce them exactly here. The tolerance allows one quantum, for a BLAS or FFT
@@ -83,10 +85,14 @@ def test_sample_reproduces_museval_regression_reference(tmp_path, run_cli):
     sf.write(folder / "vocals.wav", vocals, track.rate, subtype="DOUBLE")
     sf.write(folder / "accompaniment.wav", accompaniment, track.rate, subtype="DOUBLE")
 
-    result = run_cli("eval", tmp_path / "est", "--musdb", hq, "--is-wav", "--subset", "train", "-o", tmp_path / "scores", "-q")
+    flags = ["--backend", backend] if backend else []
+    result = run_cli("eval", tmp_path / "est", "--musdb", hq, "--is-wav", "--subset", "train", "-o", tmp_path / "scores", "-q",
+                     *flags)
     assert result.code == 0, result.err
     assert result.out.strip() == str(tmp_path / "scores")
-    ours = _frames(_load(tmp_path / "scores" / "train" / f"{track.name}.json"))
+    doc = _load(tmp_path / "scores" / "train" / f"{track.name}.json")
+    assert doc["umxtools"]["backend"] == (backend or "fast")
+    ours = _frames(doc)
     theirs = _frames(reference)
     assert list(ours) == list(theirs) == ["vocals", "accompaniment"]
     worst = 0.0
@@ -106,7 +112,7 @@ def test_scores_equal_eval_mus_track_on_oracle_estimates(toy, irm, tmp_path):
     """
     references = MusdbReferences(str(toy), is_wav=True, subset="test")
     targets = ["vocals", "drums", "accompaniment"]
-    summary = evaluate_estimates(irm, references, tmp_path / "scores", targets=targets, shard=Shard(0, 2))
+    summary = evaluate_estimates(irm, references, tmp_path / "scores", targets=targets, shard=Shard(0, 2), backend="museval")
     assert summary.scored == ["toy_001"] and not summary.failed and not summary.skipped
     assert summary.seconds_scored == pytest.approx(SECONDS)
     assert not (tmp_path / "scores" / "test" / "toy_002.json").exists()
@@ -150,7 +156,7 @@ def test_folder_references_equal_museval_evaluate_with_shorter_estimates(toy, tm
     sf.write(est / "bass.wav", low[:short], rate, subtype="DOUBLE")
     sf.write(est / "other.wav", (mixture - low)[:short], rate, subtype="DOUBLE")
 
-    summary = evaluate_estimates(tmp_path / "est", FolderReferences(str(folder)), tmp_path / "scores")
+    summary = evaluate_estimates(tmp_path / "est", FolderReferences(str(folder)), tmp_path / "scores", backend="museval")
     assert summary.scored == ["toy_002"] and summary.targets == ["bass", "other"]
     assert summary.references_without_estimates == 1
     doc = _load(tmp_path / "scores" / "toy_002.json")
@@ -163,6 +169,45 @@ def test_folder_references_equal_museval_evaluate_with_shorter_estimates(toy, tm
     for i, target in enumerate(("bass", "other")):
         store.add_target(target, {"SDR": sdr[i].tolist(), "SIR": sir[i].tolist(), "ISR": isr[i].tolist(), "SAR": sar[i].tolist()})
     assert doc["targets"] == simplejson.loads(store.json, use_decimal=True)["targets"]
+
+
+def test_fast_backend_gives_the_museval_backend_scores(tmp_path):
+    """The default backend through the whole eval path: both museval groups (vocals, drums, bass,
+    other; vocals, accompaniment), every frame within 0.01 dB of --backend museval and NaN in the
+    same frames. Toy stems over a noise floor (tests/test_metrics.py says why) with a silent
+    second in the drums, 2.5 s (not whole frames), ideal-ratio-mask estimates."""
+    from tests.test_metrics import TOLERANCE_DB, ideal_ratio_mask_estimates, toy_references
+
+    stems = toy_references(2.5, seed=8)
+    stems[1, RATE:2 * RATE] = 0  # silent drums in frame 1: NaN for every target of that group
+    estimates = ideal_ratio_mask_estimates(stems)
+    names = ("vocals", "drums", "bass", "other")
+    for root, audio in (("refs", stems), ("est", estimates)):
+        (tmp_path / root / "toy").mkdir(parents=True)
+        for name, signal in zip(names, audio):
+            sf.write(tmp_path / root / "toy" / f"{name}.wav", signal, RATE, subtype="DOUBLE")
+    sf.write(tmp_path / "est" / "toy" / "accompaniment.wav", estimates[1:].sum(axis=0), RATE, subtype="DOUBLE")
+
+    docs = {}
+    for backend in ("fast", "museval"):
+        summary = evaluate_estimates(tmp_path / "est", FolderReferences(str(tmp_path / "refs")), tmp_path / backend,
+                                     backend=backend)
+        assert summary.scored == ["toy"] and not summary.failed
+        docs[backend] = _load(tmp_path / backend / "toy.json")
+        assert docs[backend]["umxtools"]["backend"] == backend
+    fast, slow = _frames(docs["fast"]), _frames(docs["museval"])
+    assert list(fast) == list(slow) == ["drums", "bass", "other", "vocals", "accompaniment"]
+    nan_frames = 0
+    for target, frames in slow.items():
+        assert len(fast[target]) == len(frames) == 2
+        for mine, theirs in zip(fast[target], frames):
+            for metric in ("SDR", "SIR", "ISR", "SAR"):
+                a, b = float(mine[metric]), float(theirs[metric])
+                assert np.isnan(a) == np.isnan(b), (target, metric, a, b)
+                nan_frames += np.isnan(b)
+                if not np.isnan(b):
+                    assert abs(a - b) <= TOLERANCE_DB + 1e-5, (target, metric, a, b)  # + one 1e-5 quantum
+    assert nan_frames == 3 * 4  # frame 1 of drums, bass and other
 
 
 def test_fit_length_is_museval_pad_or_truncate():

@@ -151,11 +151,16 @@ def test_resume_refuses_files_scored_otherwise(toy, tmp_path, run_cli):
     scores = tmp_path / "s" / "test"
     scores.mkdir(parents=True)
     args = ("eval", tmp_path / "est", "--musdb", toy, "--is-wav", "-o", tmp_path / "s")
-    other = {"targets": [], "umxtools": {"backend": "museval", "mode": "v4", "win": 1.0, "hop": 1.0, "targets": ["vocals", "drums"]}}
+    other = {"targets": [], "umxtools": {"backend": "fast", "mode": "v4", "win": 1.0, "hop": 1.0, "targets": ["vocals", "drums"]}}
     (scores / "toy_001.json").write_text(to_json(other))
     line = error_line(run_cli(*args))
     assert line == (f"umxtools: error: {scores / 'toy_001.json'}: scored with targets vocals,drums, this run asks for "
                     "vocals,accompaniment: score into another folder or pass --force to rescore")
+    other["umxtools"].update(backend="museval", targets=["vocals", "accompaniment"])
+    (scores / "toy_001.json").write_text(to_json(other))
+    line = error_line(run_cli(*args))
+    assert line == (f"umxtools: error: {scores / 'toy_001.json'}: scored with backend museval, this run asks for fast: "
+                    "score into another folder or pass --force to rescore")
     (scores / "toy_001.json").write_text(to_json({"targets": [], "museval_version": "0.4.1"}))
     line = error_line(run_cli(*args))
     assert line == (f"umxtools: error: {scores / 'toy_001.json'}: not written by umxtools eval (no 'umxtools' block), its "

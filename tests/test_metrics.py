@@ -103,6 +103,29 @@ def test_separation_estimates_match_museval():
     assert np.isfinite(fast).all() and np.ptp(fast[0]) > 3  # a real separation, not a trivial case
 
 
+def test_trained_toy_model_estimates_match_museval(toy_cache, tmp_path):
+    """Estimates of a UMX model trained on the toy cache (vocals, the masked mixture STFT as
+    open-unmix with niter 0; accompaniment, the rest of the mixture) of an unseen toy track."""
+    from umxtools import transforms
+    from umxtools.models import OpenUnmix
+    from umxtools.training import TrainConfig, train
+
+    out = tmp_path / "model"
+    train(TrainConfig(cache=toy_cache, valid=toy_cache, output=out, hidden_size=16, seq_dur=1.0, samples_per_track=8,
+                      batch_size=4, epochs=3, lr=0.01))
+    model = OpenUnmix(nb_bins=2049, hidden_size=16, max_bin=1487)
+    model.load_state_dict(torch.load(out / "vocals.pth", weights_only=True))
+    stems = toy_references(2.6, seed=21)  # (vocals, drums, bass, other), samples, channels
+    references = np.stack([stems[0], stems[1:].sum(axis=0)])  # vocals, accompaniment
+    mixture = torch.from_numpy(stems.sum(axis=0).T.astype(np.float32))  # (channels, samples)
+    spec = transforms.stft(mixture, center=True)
+    with torch.no_grad():
+        magnitude = model.eval()(spec.abs()[None])[0]
+    vocals = transforms.istft(magnitude * torch.exp(1j * spec.angle()), length=mixture.shape[-1]).double().numpy().T
+    estimates = np.stack([vocals, mixture.double().numpy().T - vocals])
+    assert_matches(np.array(metrics.evaluate(references, estimates)), museval_scores(references, estimates))
+
+
 def test_references_plus_noise_at_several_snrs_match_museval():
     """Target j is its reference plus white noise at SNR -10, 20 or 50 dB; 2.5 s: a partial frame."""
     rng = np.random.default_rng(3)

@@ -25,8 +25,9 @@ change; ``jobs`` scores tracks in worker processes; ``shard`` takes every N-th t
 array jobs can share one scores folder.
 
 Scoring backends are a registry (:data:`BACKENDS`): a backend computes one group's frame
-scores with museval's ``evaluate`` signature. ``museval`` is museval itself; a faster backend
-registers beside it and every score file records which one made it.
+scores with museval's ``evaluate`` signature. ``fast``, the default, is :mod:`umxtools.metrics`
+(museval's BSSEval v4 in torch, within 0.01 dB of museval on every frame, and many times
+faster: docs/metrics.md); ``museval`` is museval itself. Every score file records which one made it.
 
 Audio is float64 ``(nb_samples, nb_channels)`` here, museval's axis order (see
 :mod:`umxtools.references`).
@@ -101,7 +102,16 @@ def _museval_backend(references, estimates, win, hop):
     return museval.evaluate(references, estimates, win=win, hop=hop, mode=MODE)
 
 
-BACKENDS: dict[str, Backend] = {"museval": _museval_backend}
+def _fast_backend(references, estimates, win, hop):
+    from umxtools import metrics  # noqa: PLC0415  (imports torch: only where scores are computed)
+
+    return metrics.evaluate(references, estimates, win=win, hop=hop, mode=MODE)
+
+
+BACKENDS: dict[str, Backend] = {"fast": _fast_backend, "museval": _museval_backend}
+#: ``fast`` (umxtools.metrics: museval's numbers, tests/test_metrics.py and tests/test_eval.py hold
+#: it to 0.01 dB of museval on every frame) unless ``--backend museval`` asks for museval itself.
+DEFAULT_BACKEND = "fast"
 
 
 # --- one track -----------------------------------------------------------------------------------
@@ -155,7 +165,7 @@ def score_track(
     track: str,
     estimate_dir: str | Path,
     targets: list[str],
-    backend: str = "museval",
+    backend: str = DEFAULT_BACKEND,
 ) -> dict:
     """BSSEval v4 frame scores and uSDR of one track's estimates.
 
@@ -412,7 +422,7 @@ def evaluate_estimates(
     references: References,
     output: str | Path,
     targets: list[str] | None = None,
-    backend: str = "museval",
+    backend: str = DEFAULT_BACKEND,
     jobs: int = 1,
     shard: Shard | None = None,
     force: bool = False,
@@ -500,10 +510,11 @@ def _run_jobs(todo: list[_Job], jobs: int):
             yield _score_job(job)
         return
     # spawn, not fork: the parent may hold torch or BLAS thread pools that do not survive fork.
-    # Workers keep the parent's BLAS settings on purpose: museval's ISR/SIR/SAR come from a least-
-    # squares solve that is ill-conditioned for band-limited references (the toy data's vocals
-    # ISR moves by 2 dB between 1 and 2 OpenBLAS threads), so --jobs N must run the very
-    # arithmetic --jobs 1 runs. OPENBLAS_NUM_THREADS=1, set by the user, applies to both.
+    # Workers keep the parent's BLAS and torch thread settings on purpose: museval's ISR/SIR/SAR,
+    # and the fast backend's that follow them, come from a least-squares solve that is
+    # ill-conditioned for band-limited references (the toy data's vocals ISR moves by 2 dB between
+    # 1 and 2 OpenBLAS threads), so --jobs N must run the very arithmetic --jobs 1 runs.
+    # OMP_NUM_THREADS=1 or OPENBLAS_NUM_THREADS=1, set by the user, applies to both.
     ctx = multiprocessing.get_context("spawn")
     pool = cf.ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx)
     try:
