@@ -126,3 +126,76 @@ def test_two_process_training_through_srun_and_torchrun(slurm, toy_root, toy_cac
     assert sorted(p.name for p in out.glob("*.chkpnt")) == ["vocals.chkpnt"]
     assert (out / "vocals.pth").exists() and (out / "separator.json").exists()
     assert r.stdout.strip().splitlines()[-1] == str(out)
+
+
+def _readme_cluster_block() -> str:
+    """The first ``sh`` block of the README's cluster section, as a reader would paste it."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## On a cluster (Slurm)"):]
+    section = section[:section.index("\n## ")]
+    return section.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_cluster_block_runs_as_written(slurm, tmp_path):
+    """The README's block, verbatim, from a folder where bin/ is the repository's: a one-node
+    cluster, toy data, then bin/pipeline with WAIT=1 through every job to the report."""
+    import json
+    import sys
+
+    block = _readme_cluster_block()
+    assert "bin/pipeline data/toy runs/toy" in block and "WAIT=1" in block
+    (tmp_path / "bin").symlink_to(BIN)
+    # the umxtools command of this Python (console script), importing this checkout
+    env = {**_env(tmp_path), "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=900)
+    work = tmp_path / "runs" / "toy"
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((work / "logs").glob("*.out")))
+    assert r.returncode == 0, f"{r.stderr[-3000:]}\n{logs}"
+    ids = dict(line.split() for line in r.stdout.splitlines()
+               if len(line.split()) == 2 and line.split()[1].isdigit())
+    assert list(ids) == ["cache-train", "cache-valid", "merge-train", "train", "separate", "eval", "report"]
+    assert r.stderr.strip().splitlines()[-1] == f"report: {work / 'report' / 'report.md'}"
+    report = (work / "report" / "report.md").read_text()
+    assert report.strip() in r.stdout  # the block's last line printed it
+    # every stage left its artifact: merged caches (shards removed), the joint model, the
+    # estimates and the scores of both test tracks
+    assert sorted(p.name for p in (work / "cache").iterdir()) == ["train.h5", "valid.h5"]
+    assert (work / "models" / "umx" / "separator.json").exists()
+    tracks = sorted(p.name for p in (tmp_path / "data" / "toy" / "test").iterdir())
+    assert len(tracks) == 2
+    assert sorted(p.name for p in (work / "estimates" / "umx" / "test").iterdir()) == tracks
+    for track in tracks:
+        doc = json.loads((work / "scores" / "umx" / "test" / f"{track}.json").read_text())
+        assert doc["umxtools"]["backend"] == "fast"
+        assert [t["name"] for t in doc["targets"]] == ["vocals", "drums", "bass", "other"]
+    assert "UMX" in report and "vocals" in report
+
+
+def test_steps_run_before_their_inputs_exist(toy_root, tmp_path):
+    """One line naming the missing file and the step that makes it, exit 1, nothing written."""
+    env = _env(tmp_path)
+    nodata, cache, model, est, scores = (tmp_path / n for n in ("nodata", "train.h5", "models/umx", "est", "scores"))
+    (tmp_path / "empty-model").mkdir()
+    cases = [
+        ([BIN / "cache", tmp_path / "c.h5", "musdb", nodata, "--is-wav"],
+         f"{nodata}: no such dataset (MUSDB18 or your stems; a toy one is made by: umxtools toy {nodata})"),
+        ([BIN / "train", cache, cache, tmp_path / "m"],
+         f"{cache}: no such cache (made by: bin/cache {cache} musdb ROOT ... or make data)"),
+        ([BIN / "separate", est, model, toy_root / "test"],
+         f"{model}: no such model folder (made by: bin/train CACHE VALID_CACHE {model} ...)"),
+        ([BIN / "separate", est, tmp_path / "empty-model", tmp_path / "mix.wav"],
+         f"{tmp_path / 'mix.wav'}: no such input (a mixture file or a folder of track folders; toy data is made by: "
+         "umxtools toy ROOT)"),
+        ([BIN / "eval", scores, est, "--musdb", toy_root, "--is-wav"],
+         f"{est}: no estimates folder (made by: bin/separate {est} MODEL INPUT...)"),
+        ([BIN / "report", tmp_path / "report", f"UMX={scores}", "--agg", "mean"],
+         f"{scores}: no scores folder (made by: bin/eval {scores} ESTIMATES --musdb ROOT ...)"),
+        ([BIN / "pipeline", nodata, tmp_path / "work"],
+         f"{nodata}: no MUSDB18-HQ dataset (train/ and test/ track folders; a toy one is made by: umxtools toy {nodata})"),
+    ]
+    for cmd, message in cases:
+        r = subprocess.run([str(part) for part in cmd], capture_output=True, text=True, env=env, timeout=120)
+        assert (r.returncode, r.stderr.strip().splitlines()) == (1, [f"umxtools: error: {message}"]), cmd
+        assert r.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty-model"]
