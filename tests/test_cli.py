@@ -20,7 +20,7 @@ def test_error_is_one_line_and_debug_shows_traceback(tmp_path):
     cmd = [sys.executable, "-m", "umxtools", "cache", "info", str(tmp_path / "missing.h5")]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr == f"umxtools: error: {tmp_path / 'missing.h5'}: no such cache file\n"
+    assert r.stderr == f"umxtools: error: {tmp_path / 'missing.h5'}: no such cache file (made by: umxtools cache musdb|folder|module SOURCE -o PATH)\n"
     r = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" in r.stderr and "CacheError" in r.stderr
 

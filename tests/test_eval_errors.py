@@ -115,7 +115,8 @@ def test_silent_reference_frames_are_nan_and_aggregate_like_museval(toy, tmp_pat
 def test_no_estimates_folder(toy, tmp_path, run_cli):
     line = error_line(run_cli("eval", tmp_path / "nope", "--musdb", toy, "--is-wav", "-o", tmp_path / "s"))
     assert line == (f"umxtools: error: {tmp_path / 'nope' / 'test'}: no such estimates folder "
-                    "(expected ESTIMATES/<subset>/<track>/<target>.wav, museval's layout)")
+                    "(expected ESTIMATES/<subset>/<track>/<target>.wav, museval's layout); made by: umxtools separate "
+                    "INPUT -o ESTIMATES/<subset> or umxtools oracle")
 
 
 def test_single_target_and_unknown_target(toy, tmp_path, run_cli):

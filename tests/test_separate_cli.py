@@ -205,7 +205,8 @@ def test_bad_inputs_are_one_line_each_and_the_rest_is_separated(run_cli, umx_fol
 
 def test_bad_models_and_flags(run_cli, umx_folder, song, tmp_path):
     r = run_cli("separate", song, "--model", "umxfoo", "-o", tmp_path)
-    assert error_line(r) == "umxtools: error: umxfoo: no such model folder, and not a published model (umxhq, umx, umxl, umxse)"
+    assert error_line(r) == ("umxtools: error: umxfoo: no such model folder (made by: umxtools train CACHE -o PATH ...), and "
+                              "not a published model (umxhq, umx, umxl, umxse)")
     partial = tmp_path / "partial"
     partial.mkdir()
     for f in umx_folder.iterdir():

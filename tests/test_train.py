@@ -210,7 +210,7 @@ def test_missing_target_and_stft_mismatch_write_nothing(run_cli, toy_cache, tmp_
     assert error_line(r) == (f"umxtools: error: {toy_cache}: cache was built with n_fft=4096, but --nfft 2048 was given; "
                              "rebuild the cache with --nfft 2048 or drop the flag")
     r = run_cli("train", toy_cache, "--valid", tmp_path / "none.h5", "-o", out, *TINY)
-    assert error_line(r) == f"umxtools: error: {tmp_path / 'none.h5'}: no such cache file"
+    assert error_line(r) == f"umxtools: error: {tmp_path / 'none.h5'}: no such cache file (made by: umxtools cache musdb|folder|module SOURCE -o PATH)"
     r = run_cli("train", toy_cache, "--valid", toy_cache, "-o", out, "--targets", "vocals,drums", *TINY)
     assert error_line(r) == "umxtools: error: several targets with --model umx need --joint (or one command per target)"
     r = run_cli("train", toy_cache, "--valid", toy_cache, "-o", out, "--amp", "bf16", "--device", "cpu", *TINY)

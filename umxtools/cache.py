@@ -546,7 +546,7 @@ class CacheMeta:
 def _open_h5(path: Path, **kwargs) -> h5py.File:
     path = Path(path)
     if not path.exists():
-        raise CacheError(path, "no such cache file")
+        raise CacheError(path, "no such cache file (made by: umxtools cache musdb|folder|module SOURCE -o PATH)")
     try:
         return h5py.File(path, "r", **kwargs)
     except OSError as exc:

@@ -357,7 +357,7 @@ def estimate_tracks(estimates: str | Path, references: References) -> tuple[Path
     base = Path(estimates) / references.prefix
     if not base.is_dir():
         layout = f"<subset>/<track>/<target>{ESTIMATE_SUFFIX}" if str(references.prefix) != "." else f"<track>/<target>{ESTIMATE_SUFFIX}"
-        hint = ""
+        hint = "; made by: umxtools separate INPUT -o ESTIMATES/<subset> or umxtools oracle"
         if Path(estimates).is_dir() and any((Path(estimates) / n).is_dir() for n in references.track_names()):
             hint = f"; the tracks are directly in {estimates}: move them into {base}"
         raise DatasetError(base, f"no such estimates folder (expected ESTIMATES/{layout}, museval's layout){hint}")

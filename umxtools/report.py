@@ -78,7 +78,7 @@ def load_method(path: str | Path, name: str | None = None) -> MethodScores:
     """Every ``*.json`` under ``path`` (one per track; the track is its path without ``.json``)."""
     path = Path(path)
     if not path.is_dir():
-        raise DatasetError(path, "no such scores folder")
+        raise DatasetError(path, "no such scores folder (made by: umxtools eval ESTIMATES -o PATH ...)")
     files = sorted(p for p in path.rglob("*.json") if not p.name.startswith("."))
     if not files:
         raise DatasetError(path, "no score files (*.json); make them with umxtools eval")

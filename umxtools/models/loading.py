@@ -88,7 +88,8 @@ def load_model(source: str | Path, targets: list[str] | None = None, identity: b
         return model
     if str(source) in pretrained.PUBLISHED:
         return pretrained.load_published(str(source), targets, identity=identity)
-    raise ModelError(source, f"no such model folder, and not a published model ({', '.join(pretrained.PUBLISHED)})")
+    raise ModelError(source, f"no such model folder (made by: umxtools train CACHE -o PATH ...), and not a published model "
+                              f"({', '.join(pretrained.PUBLISHED)})")
 
 
 def _weight_files(model: SeparationModel, folder: Path) -> list[Path]:
