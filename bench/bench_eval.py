@@ -7,10 +7,13 @@ scored per second of wall time*:
 - baseline: what museval's ``eval_mus_dir`` does, written out: for every musdb track, read its
   estimates with soundfile and call ``museval.eval_mus_track(track, estimates, output_dir=...)``;
 - ``umxtools_jobs_1`` and ``umxtools_jobs_2``: ``umxtools.evaluation.evaluate_estimates`` into a
-  fresh scores folder with 1 (in this process) and 2 worker processes (one BLAS thread each).
-
-Both score the same targets with the same backend, museval (umxtools eval's default, the fast
-backend, is measured by ``bench_metrics.py``), so per-track JSONs are compared too (``agree``). Each timing is repeated; the JSON written to ``--out`` holds every run, the
+  fresh scores folder with 1 (in this process) and 2 worker processes, ``--backend museval``:
+  the same arithmetic as the baseline, so the per-track JSONs must agree (``agree``);
+- ``umxtools_fast_jobs_1``: the same with the default ``fast`` backend, end to end (reading the
+  audio and writing the JSONs included). ``fast_scores`` holds its largest difference from
+  museval's scores per metric. On the toy data only SDR is well posed: ISR/SIR/SAR come from a
+  nearly singular solve there and differ by dB between museval runs with 1 and 2 BLAS threads
+  (docs/eval.md); ``bench_metrics.py`` measures the backend alone on well-posed tracks. Each timing is repeated; the JSON written to ``--out`` holds every run, the
 medians and each configuration's ratio to the baseline of the same run.
 """
 
@@ -44,6 +47,7 @@ from umxtools.references import MusdbReferences
 from umxtools.toy import make_toy_dataset
 
 JOBS = (1, 2)
+METRICS = ("SDR", "SIR", "ISR", "SAR")
 console = Console()
 
 
@@ -59,10 +63,10 @@ def bench_baseline(root: Path, estimates: Path, out: Path, targets: list[str]) -
     return {"seconds": round(elapsed, 3), "audio_s": round(seconds, 3), "audio_s_per_s": round(seconds / elapsed, 4)}
 
 
-def bench_umxtools(root: Path, estimates: Path, out: Path, targets: list[str], jobs: int) -> dict:
+def bench_umxtools(root: Path, estimates: Path, out: Path, targets: list[str], jobs: int, backend: str = "museval") -> dict:
     start = time.perf_counter()
     summary = evaluate_estimates(estimates, MusdbReferences(str(root), is_wav=True, subset="test"), out, targets=targets,
-                                 backend="museval", jobs=jobs, force=True)
+                                 backend=backend, jobs=jobs, force=True)
     elapsed = time.perf_counter() - start
     assert not summary.failed, summary.failed
     return {"seconds": round(elapsed, 3), "audio_s": round(summary.seconds_scored, 3),
@@ -82,6 +86,24 @@ def agree(baseline: Path, ours: Path) -> bool:
             if x.shape != y.shape or not np.allclose(x, y, atol=1e-5, rtol=0, equal_nan=True):
                 return False
     return True
+
+
+def differences(baseline: Path, ours: Path) -> dict:
+    """Largest absolute difference per metric over frames finite in both (dB), and whether NaN
+    frames coincide: the fast backend against museval's files."""
+    worst = {m: 0.0 for m in METRICS}
+    same_nan = True
+    for path in sorted(baseline.glob("test/*.json")):
+        a = simplejson.loads(path.read_text(), allow_nan=True)["targets"]
+        b = simplejson.loads((ours / "test" / path.name).read_text(), allow_nan=True)["targets"]
+        for ta, tb in zip(a, b, strict=True):
+            x = np.array([[f["metrics"][m] for m in METRICS] for f in ta["frames"]], dtype=float)
+            y = np.array([[f["metrics"][m] for m in METRICS] for f in tb["frames"]], dtype=float)
+            same_nan &= bool(np.array_equal(np.isnan(x), np.isnan(y)))
+            finite = np.isfinite(x) & np.isfinite(y)
+            for i, m in enumerate(METRICS):
+                worst[m] = max(worst[m], float(np.abs(x[:, i] - y[:, i])[finite[:, i]].max(initial=0.0)))
+    return {"max_abs_diff_db": worst, "nan_frames_equal": same_nan}
 
 
 def warm_up() -> None:
@@ -116,7 +138,11 @@ def print_summary(result: dict) -> None:
         table.add_row(name, f"{c['median']:.3f}", ", ".join(f"{r['audio_s_per_s']:.3f}" for r in c["runs"]),
                       f"{c['ratio_to_baseline']:.2f}")
     console.print(table)
-    console.print(f"scores agree with museval's: {result['agree']}", highlight=False)
+    console.print(f"museval backend: scores agree with museval's: {result['agree']}", highlight=False)
+    fast = result["fast_scores"]
+    console.print("fast backend: largest difference from museval's scores (dB): "
+                  + ", ".join(f"{m} {v:.2g}" for m, v in fast["max_abs_diff_db"].items())
+                  + f"; NaN frames equal: {fast['nan_frames_equal']}", highlight=False)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -139,14 +165,17 @@ def main(out: Path, tracks: int, seconds: float, targets: str, repeats: int) -> 
         make_toy_dataset(root, tracks=1, seconds=seconds, seed=0, test_tracks=tracks)
         write_oracle(MusdbReferences(str(root), is_wav=True, subset="test"), "irm2", estimates, targets=names)
         warm_up()
-        runs: dict[str, list[dict]] = {"baseline": [], **{f"umxtools_jobs_{j}": [] for j in JOBS}}
+        runs: dict[str, list[dict]] = {"baseline": [], **{f"umxtools_jobs_{j}": [] for j in JOBS}, "umxtools_fast_jobs_1": []}
         for r in range(repeats):  # interleaved, so a change of machine load hits every configuration
             console.print(f"run {r + 1}/{repeats}: museval loop ...", highlight=False)
             runs["baseline"].append(bench_baseline(root, estimates, tmp / "baseline", names))
             for j in JOBS:
                 console.print(f"run {r + 1}/{repeats}: umxtools eval --jobs {j} ...", highlight=False)
                 runs[f"umxtools_jobs_{j}"].append(bench_umxtools(root, estimates, tmp / f"jobs{j}", names, j))
+            console.print(f"run {r + 1}/{repeats}: umxtools eval --backend fast ...", highlight=False)
+            runs["umxtools_fast_jobs_1"].append(bench_umxtools(root, estimates, tmp / "fast", names, 1, backend="fast"))
         same = all(agree(tmp / "baseline", tmp / f"jobs{j}") for j in JOBS)
+        fast = differences(tmp / "baseline", tmp / "fast")
     baseline = summarize(runs.pop("baseline"))
     configs = {}
     for name, config_runs in runs.items():
@@ -157,7 +186,7 @@ def main(out: Path, tracks: int, seconds: float, targets: str, repeats: int) -> 
         "umxtools_version": umxtools.__version__, "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "machine": {**machine_start, "load_avg_1_5_15_end": machine()["load_avg_1_5_15"]},
         "settings": settings, "unit": "seconds of audio scored per second of wall time",
-        "baseline": baseline, "configs": configs, "agree": same, "wall_s": round(time.perf_counter() - started, 1),
+        "baseline": baseline, "configs": configs, "agree": same, "fast_scores": fast, "wall_s": round(time.perf_counter() - started, 1),
     }
     write_json(out, result)
     print_summary(result)
