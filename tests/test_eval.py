@@ -210,6 +210,29 @@ def test_fast_backend_gives_the_museval_backend_scores(tmp_path):
     assert nan_frames == 3 * 4  # frame 1 of drums, bass and other
 
 
+@pytest.mark.parametrize("subtype", ["FLOAT", "PCM_16", "PCM_24"])
+def test_musdb_references_are_the_arrays_musdb_decodes(tmp_path, subtype):
+    """--musdb --is-wav reads 16-bit and float WAVs with soundfile instead of musdb's ffmpeg: the
+    samples must be musdb's to the bit, including float samples exactly between two 16-bit
+    steps (ffmpeg rounds half to even) and beyond full scale (it saturates). Other subtypes go
+    through musdb itself."""
+    rng = np.random.default_rng(4)
+    edges = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 32767.5, -32768.5, 40000.0, -40000.0]) / 32768
+    folder = tmp_path / "test" / "edges"
+    folder.mkdir(parents=True)
+    for k, name in enumerate(("mixture", "drums", "bass", "other", "vocals")):
+        audio = rng.uniform(-1.1, 1.1, (3000, 2))
+        audio[k:k + len(edges), 0] = edges
+        sf.write(folder / f"{name}.wav", audio, RATE, subtype=subtype)
+    ours = MusdbReferences(str(tmp_path), is_wav=True, subset="test").load("edges")
+    track = musdb.DB(root=str(tmp_path), is_wav=True, subsets="test").tracks[0]
+    for name in ("drums", "bass", "other", "vocals"):
+        assert np.array_equal(ours.source(name), track.sources[name].audio), name
+    for name in ("vocals", "accompaniment"):
+        assert np.array_equal(ours.target(name), track.targets[name].audio), name
+    assert np.array_equal(ours.mixture(), track.audio)
+
+
 def test_fit_length_is_museval_pad_or_truncate():
     rng = np.random.default_rng(0)
     reference = rng.standard_normal((1, 1000, 2))
