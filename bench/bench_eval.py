@@ -13,8 +13,10 @@ scored per second of wall time*:
   audio and writing the JSONs included). ``fast_scores`` holds its largest difference from
   museval's scores per metric. On the toy data only SDR is well posed: ISR/SIR/SAR come from a
   nearly singular solve there and differ by dB between museval runs with 1 and 2 BLAS threads
-  (docs/eval.md); ``bench_metrics.py`` measures the backend alone on well-posed tracks. Each timing is repeated; the JSON written to ``--out`` holds every run, the
-medians and each configuration's ratio to the baseline of the same run.
+  (docs/eval.md); ``bench_metrics.py`` measures the backend alone on well-posed tracks.
+
+Each timing is repeated; the JSON written to ``--out`` holds every run, the medians and each
+configuration's ratio to the baseline of the same run.
 """
 
 from __future__ import annotations
@@ -73,17 +75,18 @@ def bench_umxtools(root: Path, estimates: Path, out: Path, targets: list[str], j
             "audio_s_per_s": round(summary.seconds_scored / elapsed, 4)}
 
 
+def _frame_scores(path: Path) -> list[tuple[str, np.ndarray]]:
+    """Per target of a score file: its name and its ``(frames, METRICS)`` float array."""
+    targets = simplejson.loads(path.read_text(), allow_nan=True)["targets"]
+    return [(t["name"], np.array([[f["metrics"][m] for m in METRICS] for f in t["frames"]], dtype=float))
+            for t in targets]
+
+
 def agree(baseline: Path, ours: Path) -> bool:
     """Every track's frame scores identical (to museval's 1e-5 quantisation)."""
     for path in sorted(baseline.glob("test/*.json")):
-        a = simplejson.loads(path.read_text(), allow_nan=True)["targets"]
-        b = simplejson.loads((ours / "test" / path.name).read_text(), allow_nan=True)["targets"]
-        for ta, tb in zip(a, b, strict=True):
-            if ta["name"] != tb["name"]:
-                return False
-            x = np.array([[f["metrics"][m] for m in ("SDR", "SIR", "ISR", "SAR")] for f in ta["frames"]], dtype=float)
-            y = np.array([[f["metrics"][m] for m in ("SDR", "SIR", "ISR", "SAR")] for f in tb["frames"]], dtype=float)
-            if x.shape != y.shape or not np.allclose(x, y, atol=1e-5, rtol=0, equal_nan=True):
+        for (name_a, x), (name_b, y) in zip(_frame_scores(path), _frame_scores(ours / "test" / path.name), strict=True):
+            if name_a != name_b or x.shape != y.shape or not np.allclose(x, y, atol=1e-5, rtol=0, equal_nan=True):
                 return False
     return True
 
@@ -94,11 +97,7 @@ def differences(baseline: Path, ours: Path) -> dict:
     worst = {m: 0.0 for m in METRICS}
     same_nan = True
     for path in sorted(baseline.glob("test/*.json")):
-        a = simplejson.loads(path.read_text(), allow_nan=True)["targets"]
-        b = simplejson.loads((ours / "test" / path.name).read_text(), allow_nan=True)["targets"]
-        for ta, tb in zip(a, b, strict=True):
-            x = np.array([[f["metrics"][m] for m in METRICS] for f in ta["frames"]], dtype=float)
-            y = np.array([[f["metrics"][m] for m in METRICS] for f in tb["frames"]], dtype=float)
+        for (_, x), (_, y) in zip(_frame_scores(path), _frame_scores(ours / "test" / path.name), strict=True):
             same_nan &= bool(np.array_equal(np.isnan(x), np.isnan(y)))
             finite = np.isfinite(x) & np.isfinite(y)
             for i, m in enumerate(METRICS):
