@@ -428,10 +428,10 @@ def _cholesky_solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Ten
     None where ``matrix`` is not positive definite in floating point.
 
     ``matrix`` is overwritten by its factor where it succeeds, and left as it was where it
-    fails. ``torch.linalg.cholesky_ex`` copies the matrix and
-    zeroes the other triangle; ``dpotrf`` works in place and leaves it: measured on one core of
-    the 2-core machine, 4096 square, 0.7 s against 1.6 s. A C-contiguous symmetric matrix is its
-    own transpose, so its memory is handed to LAPACK as the Fortran-ordered matrix, uncopied.
+    fails. ``torch.linalg.cholesky_ex`` copies the matrix and zeroes the other triangle;
+    ``dpotrf`` works in place and leaves it: measured on one core of the 2-core machine, 4096
+    square, 0.7 s against 1.6 s. A C-contiguous symmetric matrix is its own transpose, so its
+    memory is handed to LAPACK as the Fortran-ordered matrix, uncopied.
     """
     from scipy.linalg import lapack  # noqa: PLC0415  (scipy comes with museval)
 

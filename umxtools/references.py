@@ -107,8 +107,9 @@ def _wav_as_musdb_decodes(path: Path) -> np.ndarray | None:
     (MUSDB18-HQ's) is then its own samples over 32768. ffmpeg converts a 32-bit float WAV (the toy
     data's) with ``av_clip_int16(lrintf(x * 32768))``: rounding half to even and saturating, which
     ``np.rint`` and ``np.clip`` do alike on float32. Both are tested equal to musdb's arrays. This
-    spares an ffmpeg process per stream: about 0.35 s of a 60 s track's 5.5 s scoring. Other
-    formats (24-bit, float64), and samples that are not finite, go through musdb.
+    spares an ffmpeg process per stream: musdb's decoding took 1.5 s of the 5.5 s that scoring a
+    60 s track with 4 targets took; 4.1 s without it. Other formats (24-bit, float64), and
+    samples that are not finite, go through musdb.
     """
     try:
         info = sf.info(str(path))
