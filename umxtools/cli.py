@@ -434,11 +434,16 @@ def _references(musdb_root: Path | None, is_wav: bool, subset: str, folder: Path
     return MusdbReferences(str(musdb_root), is_wav=is_wav, subset=subset)
 
 
-def _registry(module: str, name: str) -> list[str]:
-    """Choice lists come from the library's registries, imported when the CLI is built."""
+def _library(module: str, name: str):
+    """A value of the library (a registry, a default), imported when the CLI is built."""
     import importlib  # noqa: PLC0415
 
-    return list(getattr(importlib.import_module(module), name))
+    return getattr(importlib.import_module(module), name)
+
+
+def _registry(module: str, name: str) -> list[str]:
+    """Choice lists come from the library's registries."""
+    return list(_library(module, name))
 
 
 @cli.command("eval")
@@ -452,8 +457,8 @@ def _registry(module: str, name: str) -> list[str]:
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Scores folder: one museval JSON per track.")
 @click.option("--targets", default=None, help="Comma-separated targets [default: every target with estimates].")
-@click.option("--backend", type=click.Choice(_registry("umxtools.evaluation", "BACKENDS")), default="fast", show_default=True,
-              help="Scoring backend: fast (umxtools.metrics, museval's numbers within 0.01 dB) or museval itself.")
+@click.option("--backend", type=click.Choice(_registry("umxtools.evaluation", "BACKENDS")), default=_library("umxtools.evaluation", "DEFAULT_BACKEND"),
+              show_default=True, help="Scoring backend: fast (umxtools.metrics, museval's numbers within 0.01 dB) or museval itself.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes (one track each).")
 @click.option("--shard", default=None, metavar="K/N", help="Score only tracks i with i % N == K (shards share one scores folder).")
 @click.option("--force", is_flag=True, help="Rescore tracks that already have a score file.")
