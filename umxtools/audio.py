@@ -13,8 +13,6 @@ Audio arrays are numpy ``float32`` of shape ``(channels, samples)`` everywhere i
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from umxtools import fileio
 from umxtools.errors import AudioError
 
 FFMPEG_SUFFIXES = (".mp4", ".m4a", ".mp3", ".aac")
@@ -211,18 +210,8 @@ def write(path: str | Path, audio: np.ndarray, rate: int, subtype: str = "FLOAT"
     fmt = "FLAC" if path.suffix.lower() == ".flac" else "WAV"
     if audio.ndim != 2:
         raise AudioError(path, f"expected audio of shape (channels, samples), got {tuple(audio.shape)}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise AudioError(path.parent, f"cannot write here ({exc.strerror})") from exc
-    try:
+    with fileio.atomic(path) as tmp:
         sf.write(tmp, np.ascontiguousarray(audio.T), rate, subtype=subtype, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

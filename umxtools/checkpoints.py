@@ -18,7 +18,6 @@ import csv
 import io
 import json
 import math
-import os
 import pickle
 import zipfile
 from collections.abc import Callable
@@ -27,21 +26,14 @@ from pathlib import Path
 
 import torch
 
-from umxtools.errors import UmxError
+from umxtools import fileio
+from umxtools.errors import CheckpointError, OutputError
 
 CHECKPOINT_FORMAT = "umxtools.checkpoint"
 CHECKPOINT_VERSION = 1
 MODEL_FORMAT = "umxtools.model"
 MODEL_FORMAT_VERSION = 1
 MODEL_RUN = "model"  # the run name of joint, waveform and custom models
-
-
-class CheckpointError(UmxError):
-    """A checkpoint that cannot be read, or that belongs to another run."""
-
-
-class OutputError(UmxError):
-    """An output folder that holds another run, or models that cannot share a folder with this one."""
 
 
 # --- names -----------------------------------------------------------------------------------
@@ -166,19 +158,10 @@ def _targets_of(files: RunFiles) -> list[str]:
 # --- atomic writes -----------------------------------------------------------------------------
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename ``tmp`` to ``path`` (same folder, so the rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
+    """``write(tmp)`` then rename ``tmp`` to ``path`` (see :func:`umxtools.fileio.atomic`)."""
+    with fileio.atomic(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -40,3 +40,36 @@ class StaleCacheError(CacheError):
 
 class UsageError(UmxError):
     """An argument value the library cannot work with (a bad shard spec, an unknown name)."""
+
+
+class OutputError(UmxError):
+    """An output location that cannot be written (missing, read-only, full), that is one of the
+    command's inputs, or that holds files this command did not make."""
+
+
+class LockedError(OutputError):
+    """An output that another umxtools process is writing now (a second build of the same file)."""
+
+
+class UnsafeNameError(UsageError):
+    """A name read from a file or a flag (a target, a track, an aggregate) that would leave its folder."""
+
+
+class UntrustedCodeError(UmxError):
+    """A model folder or file that would run Python code, without ``--trust-code``."""
+
+
+class ScoreError(UmxError):
+    """A score file that is corrupt or was made with other settings, or a track museval rejects."""
+
+
+class TrainingError(UmxError):
+    """Training that cannot go on (a NaN loss)."""
+
+
+class ModelError(UmxError):
+    """A model class that cannot be imported or built, or that breaks the model contract."""
+
+
+class CheckpointError(UmxError):
+    """A checkpoint that cannot be read, or that belongs to another run."""

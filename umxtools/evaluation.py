@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,8 +45,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from umxtools import __version__
-from umxtools.errors import AudioError, DatasetError, UmxError, UsageError
+from umxtools import __version__, fileio
+from umxtools.errors import AudioError, DatasetError, ScoreError, UmxError, UsageError
 from umxtools.references import (
     ACCOMPANIMENT,
     MUSDB_TARGETS,
@@ -79,10 +77,6 @@ SCORE_FORMAT_VERSION = 1
 ESTIMATE_SUFFIX = ".wav"
 # settings a resumed run must share with the score files already there
 _RUN_KEYS = ("backend", "mode", "win", "hop", "targets")
-
-
-class ScoreError(UmxError):
-    """A score file that is corrupt or was made with other settings, or a track museval rejects."""
 
 
 # --- backends ------------------------------------------------------------------------------------
@@ -304,20 +298,6 @@ def read_scores(path: str | Path) -> dict:
     return doc
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write to a temporary file in the destination folder, then rename: no half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 # --- a folder of estimates -----------------------------------------------------------------------
 
 
@@ -489,7 +469,7 @@ def evaluate_estimates(
         if isinstance(result, UmxError):
             summary.failed.append(result)
         else:
-            write_text_atomic(score_path(output, references, track), result)
+            fileio.write_text(score_path(output, references, track), result)
             summary.scored.append(track)
             summary.seconds_scored += seconds
         if progress:

@@ -34,9 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from umxtools import __version__, audio
+from umxtools import __version__, audio, fileio
 from umxtools.errors import UsageError
-from umxtools.evaluation import write_text_atomic
 from umxtools.references import ACCOMPANIMENT, VOCALS, References
 
 NFFT = 2048  # the reference's nperseg; scipy's default overlap is half of it
@@ -183,7 +182,7 @@ def write_oracle(
     names = references.track_names()
     if progress:
         progress("total", len(names))
-    write_text_atomic(output / MANIFEST, json.dumps(manifest, indent=2))
+    fileio.write_text(output / MANIFEST, json.dumps(manifest, indent=2))
     for name in names:
         ref = references.load(name)
         sources = {s: ref.source(s).T for s in ref.source_names}

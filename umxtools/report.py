@@ -23,8 +23,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from umxtools import fileio
 from umxtools.errors import DatasetError, UsageError
-from umxtools.evaluation import METRICS, USDR, canonical_order, read_scores, write_text_atomic
+from umxtools.evaluation import METRICS, USDR, canonical_order, read_scores
 
 # name -> (over frames, over tracks)
 AGGREGATIONS: dict[str, tuple[str, str]] = {
@@ -236,15 +235,8 @@ def plot_target(methods: list[MethodScores], target: str, agg: str, path: Path) 
     ax.set_title(f"{target}: BSSEval v4 SDR per track", fontsize=11)
     ax.set_xlabel(f"dot = one track ({frames_agg} over its 1 s frames); box over tracks (line: median{means})", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with fileio.atomic(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -281,6 +273,6 @@ def make_report(specs: list[str], output: str | Path, agg: str = "median", plots
     if plots:
         targets = canonical_order(t for m in methods for t in m.targets)
         written += [plot_target(methods, t, agg, output / f"sdr_{t}.png") for t in targets]
-    report.files = [write_text_atomic(output / "report.csv", to_csv(report)),
-                    write_text_atomic(output / "report.md", to_markdown(report, written)), *written]
+    report.files = [fileio.write_text(output / "report.csv", to_csv(report)),
+                    fileio.write_text(output / "report.md", to_markdown(report, written)), *written]
     return report

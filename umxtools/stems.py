@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from umxtools.errors import UsageError
+from umxtools.errors import OutputError, UsageError
 
 FORMATS = ("wav", "flac")
 BITS = ("16", "24", "32f")
@@ -36,10 +36,6 @@ CLIP_MODES = ("clip", "rescale")
 RECORD = "separation.json"
 _SUBTYPES = {"16": "PCM_16", "24": "PCM_24", "32f": "FLOAT"}
 _READ_BLOCK = 1 << 18
-
-
-class OutputError(UsageError):
-    """An output folder that cannot be written, or that holds a separation already."""
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ from umxtools.checkpoints import (
     write_json,
     write_separator,
 )
-from umxtools.errors import CacheError, UmxError, UsageError
+from umxtools.errors import CacheError, TrainingError, UmxError, UsageError
 from umxtools.loaders import IndexDataset, RandomDataset
 from umxtools.models import JOINT, LOSSES, MODELS, ModelError, OpenUnmix, OpenUnmixJoint, load_class, spec_of
 from umxtools.transforms import bandwidth_to_max_bin
@@ -86,10 +86,6 @@ SDR_EPS = 1e-8
 CURVES_EVERY_S = 30.0
 
 Reporter = Callable[[str, dict], None]
-
-
-class TrainingError(UmxError):
-    """Training that cannot go on (a NaN loss)."""
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from umxtools.errors import DatasetError, UmxError
+from umxtools.errors import DatasetError, ModelError
 
 # umxtools train --model NAME; anything else given to --model is read as a MODULE:CLASS spec
 MODELS: dict[str, str] = {
@@ -35,10 +35,6 @@ def __getattr__(name: str):
     if name in _CLASSES:
         return getattr(importlib.import_module(_CLASSES[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class ModelError(UmxError):
-    """A model class that cannot be imported or built, or that breaks the model contract."""
 
 
 def load_class(spec: str) -> type:
