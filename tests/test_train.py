@@ -220,7 +220,7 @@ def test_missing_target_and_stft_mismatch_write_nothing(run_cli, toy_cache, tmp_
     r = run_cli("train", toy_cache, "--valid", toy_cache, "-o", out, "--model", "waveform", "--model-arg", "nb_channels=1", *TINY)
     assert error_line(r) == "umxtools: error: --model-arg nb_channels: umxtools sets it from the cache and the flags"
     r = run_cli("train", toy_cache, "--valid", toy_cache, "-o", out, "--model", "nonsense", *TINY)
-    assert r.code == 2 and "'nonsense' is neither 'umx' nor 'waveform' nor MODULE:CLASS" in r.err
+    assert r.code == 2 and "'nonsense' is neither 'umx' nor 'waveform' nor 'bsroformer' nor 'melroformer' nor MODULE:CLASS" in r.err
     assert not out.exists()
 
 

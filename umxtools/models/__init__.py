@@ -17,6 +17,8 @@ from umxtools.errors import DatasetError, ModelError
 MODELS: dict[str, str] = {
     "umx": "umxtools.models.umx:OpenUnmix",
     "waveform": "umxtools.models.waveform:Demucs",
+    "bsroformer": "umxtools.models.bsroformer:BSRoformer",
+    "melroformer": "umxtools.models.melroformer:MelBandRoformer",
 }
 # what --joint trains (one UMX per target)
 JOINT = "umxtools.models.joint:OpenUnmixJoint"
@@ -26,9 +28,10 @@ KINDS = tuple(LOSSES)
 
 # the classes are imported on first use: this registry serves `umxtools --help`, which should
 # not pay torch's import
-_CLASSES = {"OpenUnmix": "umxtools.models.umx", "OpenUnmixJoint": "umxtools.models.joint", "Demucs": "umxtools.models.waveform"}
+_CLASSES = {"OpenUnmix": "umxtools.models.umx", "OpenUnmixJoint": "umxtools.models.joint", "Demucs": "umxtools.models.waveform",
+            "BSRoformer": "umxtools.models.bsroformer", "MelBandRoformer": "umxtools.models.melroformer"}
 
-__all__ = ["JOINT", "KINDS", "LOSSES", "MODELS", "Demucs", "ModelError", "OpenUnmix", "OpenUnmixJoint", "load_class", "spec_of"]
+__all__ = ["JOINT", "KINDS", "LOSSES", "MODELS", "BSRoformer", "Demucs", "MelBandRoformer", "ModelError", "OpenUnmix", "OpenUnmixJoint", "load_class", "spec_of"]
 
 
 def __getattr__(name: str):
