@@ -6,6 +6,7 @@ PIP           ?= $(PYTHON) -m pip
 # torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 OPENUNMIX_VERSION ?= 1.3.0
+AUDIO_SEPARATOR_VERSION ?= 0.47.1
 
 DATA      ?= data/toy
 CACHE_DIR ?= cache
@@ -40,6 +41,11 @@ install:
 	@# the reference implementation, without its torchaudio requirement (it would replace torch)
 	@$(PYTHON) -c "import importlib.metadata as m; m.version('openunmix')" 2>/dev/null || \
 		$(PIP) install -q --no-deps "openunmix==$(OPENUNMIX_VERSION)"
+	@# MSST-compatible RoFormer classes, the reference of the RoFormer tests: without the package's
+	@# own dependencies (onnxruntime and others), plus what its roformer modules import
+	@$(PYTHON) -c "import importlib.metadata as m; m.version('audio-separator')" 2>/dev/null || \
+		($(PIP) install -q --no-deps "audio-separator==$(AUDIO_SEPARATOR_VERSION)" && \
+		 $(PIP) install -q einops "beartype<0.19" "rotary-embedding-torch<0.7" librosa "torch==$(TORCH_VERSION)")
 
 # a one-node Slurm cluster for the cluster tests; where it cannot start they skip and say why
 slurm:

@@ -73,3 +73,7 @@ class ModelError(UmxError):
 
 class CheckpointError(UmxError):
     """A checkpoint that cannot be read, or that belongs to another run."""
+
+
+class MsstError(UmxError):
+    """An MSST config or checkpoint that cannot be read or does not fit its model."""

@@ -23,17 +23,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from umxtools.errors import UmxError
+from umxtools.errors import MsstError, UmxError
 
 # the architectures MSST configs are read for: MSST's model_type -> umxtools' class spec
 ARCHITECTURES = {
     "bs_roformer": "umxtools.models.bsroformer:BSRoformer",
     "mel_band_roformer": "umxtools.models.melroformer:MelBandRoformer",
 }
-
-
-class MsstError(UmxError):
-    """An MSST config or checkpoint that cannot be read or does not fit its model."""
 
 
 class _ConfigLoader(yaml.SafeLoader):
