@@ -16,8 +16,8 @@ import contextlib
 import io
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from http.client import HTTPException
+from pathlib import Path
 from urllib.error import URLError
 from urllib.parse import urlparse
 
@@ -93,7 +93,14 @@ def load_published(name: str, targets: list[str] | None = None, identity: bool =
     download fails (no network: the message says where to put the file) or when a cached file
     is not plain weights (it is refused without running anything in it).
     """
-    from umxtools.models.loading import SeparationModel, file_identity, load_state, select_targets, umx_args, umx_from_state  # noqa: PLC0415
+    from umxtools.models.loading import (  # noqa: PLC0415
+        SeparationModel,
+        file_identity,
+        load_state,
+        select_targets,
+        umx_args,
+        umx_from_state,
+    )
 
     pub = PUBLISHED[name]
     chosen = select_targets(list(pub.urls), targets, name)

@@ -20,6 +20,7 @@ never a dataset's track folder or anything else that happens to have the name.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -101,10 +102,10 @@ def _sf_problem(exc: Exception, file: sf.SoundFile | None = None) -> str:
     to its errno where it is one of the usual ones.
     """
     text = str(exc)
-    try:
-        text = sf._ffi.string(sf._snd.sf_strerror(file._file)).decode(errors="replace") if file is not None else text
-    except Exception:  # noqa: BLE001  (soundfile's private handles: fall back to the exception's own text)
-        pass
+    if file is not None:
+        # soundfile's private handles: without them, the exception's own text
+        with contextlib.suppress(Exception):
+            text = sf._ffi.string(sf._snd.sf_strerror(file._file)).decode(errors="replace")
     reason = text.rpartition(":")[2].strip().rstrip(".") or text.strip().rstrip(".")
     for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO):
         if reason.lower() == os.strerror(code).lower():
