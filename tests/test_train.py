@@ -305,3 +305,67 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_cli, toy_cache, t
     assert state["epochs_trained"] == 1 and torch.isfinite(state["state_dict"]["gain"]).all()
     assert json.loads((out / "model.json").read_text())["training"]["epochs_trained"] == 1
     assert not list(out.glob(".*.tmp"))
+
+
+# --- safe by construction: locks, names, inputs, unwritable outputs (issue 13) ----------------------
+
+
+def test_a_second_train_of_the_same_run_fails_at_once_naming_the_holder(run_cli, toy_cache, tmp_path):
+    """Two jobs into one model folder and target (a requeued job while the first still runs)."""
+    import os
+    import socket
+
+    from umxtools import fileio
+
+    out = tmp_path / "m"
+    _train(run_cli, toy_cache, out, "--epochs", "1")
+    before = _files(out)
+    with fileio.exclusive(out / "vocals.chkpnt"):  # the first job, still training
+        for flags in (("--resume",), ("--force",)):
+            r = run_cli("train", toy_cache, "--valid", toy_cache, "-o", out, *TINY, *flags)
+            assert error_line(r) == (f"umxtools: error: {out / 'vocals.chkpnt'}: another umxtools process is writing it "
+                                     f"(pid {os.getpid()} on host {socket.gethostname()}); wait for it to end or stop it")
+        assert {k: v for k, v in _files(out).items() if not k.endswith(".lock")} == before
+        # another target into the same folder is another run: it trains side by side
+        _train(run_cli, toy_cache, out, "--target", "drums", "--epochs", "1")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no lock or temporary left behind
+    # a run that fails under the lock in a folder it made leaves no folder behind
+    model = tmp_path / "nan_at_once.py"
+    model.write_text(NAN_MODEL.replace("self.steps >= 3", "self.steps >= 1"))
+    fresh = tmp_path / "fresh"
+    r = run_cli("train", toy_cache, "--valid", toy_cache, "-o", fresh, *TINY, "--resume", "--model", f"{model}:NaNLater", "-q")
+    assert error_line(r) == (f"umxtools: error: {fresh}: loss is NaN in epoch 1 (batch 1); stopped, nothing was written; "
+                             "lower --lr or check the data")
+    assert not fresh.exists()
+
+
+def test_train_never_writes_over_its_caches_or_outside_its_folder(run_cli, toy_cache, tmp_path):
+    cache = tmp_path / "caches" / "train.h5"
+    cache.parent.mkdir()
+    shutil.copy(toy_cache, cache)
+    before = cache.read_bytes()
+    r = run_cli("train", cache, "--valid", cache, "-o", cache, *TINY, "--force")
+    assert r.code == 2 and "is a file" in r.err  # Click's check of -o
+    from umxtools.errors import OutputError
+
+    with pytest.raises(OutputError, match=f"^{cache}: is the cache {cache}; write the model folder somewhere else"):
+        train(TrainConfig(cache=cache, valid=cache, output=cache, force=True, epochs=1))
+    assert cache.read_bytes() == before
+    # a target names the run's files: it must stay a plain name
+    (tmp_path / "evil.pth").write_bytes(b"a colleague's file")
+    r = run_cli("train", cache, "--valid", cache, "-o", tmp_path / "m", *TINY, "--target", "../evil", "--force")
+    assert error_line(r) == "umxtools: error: --target: target '../evil' contains a path separator; it must be a plain file name"
+    r = run_cli("train", cache, "--valid", cache, "-o", tmp_path / "m", *TINY, "--joint", "--targets", "vocals,../../evil")
+    assert error_line(r) == "umxtools: error: --targets: target '../../evil' contains a path separator; it must be a plain file name"
+    assert (tmp_path / "evil.pth").read_bytes() == b"a colleague's file" and not (tmp_path / "m").exists()
+    # a model folder beside the cache is fine
+    _train(run_cli, cache, cache.parent / "model", "--epochs", "1")
+    assert cache.read_bytes() == before
+
+
+def test_read_only_output_is_reported_before_the_first_epoch(run_cli, toy_cache, tmp_path):
+    from tests.test_separate_safety import _unwritable
+
+    out = _unwritable(tmp_path)
+    r = run_cli("train", toy_cache, "--valid", toy_cache, "-o", out, *TINY, "--epochs", "1000")
+    assert error_line(r) == f"umxtools: error: {out}: permission denied"

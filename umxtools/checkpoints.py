@@ -15,7 +15,9 @@ one. The checkpoint is the source of truth for resuming: the other files can be 
 from __future__ import annotations
 
 import csv
+import glob
 import io
+import os
 import json
 import math
 import pickle
@@ -173,11 +175,31 @@ def save_torch(path: Path, obj) -> None:
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
-def remove_stale_tmp(folder: Path) -> None:
-    """Temporary files a killed process left behind."""
-    if folder.is_dir():
-        for p in folder.glob(".*.tmp"):
+def remove_stale_tmp(files: RunFiles) -> None:
+    """Temporary files a killed process left behind: every one of this run's files (the caller
+    holds the run's lock, so no live process writes them), and those of the folder-wide files
+    (``separator.json``, ``curves.png``) whose writer is no longer running on this host; never a
+    temporary file of another run that may be training side by side in the same folder."""
+    if not files.folder.is_dir():
+        return
+    for path in files.own():
+        for p in files.folder.glob(f".{glob.escape(path.name)}.*.tmp"):
             p.unlink(missing_ok=True)
+    for path in (files.separator, files.curves):
+        for p in files.folder.glob(f".{glob.escape(path.name)}.*.tmp"):
+            pid = p.name[len(path.name) + 2:].split("-")[0]
+            if pid.isdigit() and not _running(int(pid)):
+                p.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
 
 
 # --- checkpoints -------------------------------------------------------------------------------

@@ -560,12 +560,16 @@ def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool,
 @click.option("--clip", type=click.Choice(_registry("umxtools.stems", "CLIP_MODES")), default="clip", show_default=True,
               help="Integer output beyond full scale: clip it (with a warning) or rescale the track's stems by one gain.")
 @click.option("--shard", default=None, metavar="K/N", help="Separate only inputs i with i % N == K (one Slurm array task each).")
-@click.option("--force", is_flag=True, help="Replace existing output folders.")
+@click.option("--force", is_flag=True, help="Replace earlier separations (folders holding separation.json) of the same inputs.")
+# the variable is umxtools.models.loading.TRUST_ENV, written out so that --help does not import torch
+@click.option("--trust-code", is_flag=True, envvar="UMXTOOLS_TRUST_CODE",
+              help="Run the Python code a model folder's model.json names (its own .py file or a module outside umxtools); "
+                   "only for model folders you trust. Env: UMXTOOLS_TRUST_CODE=1.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path, model: str, targets: str | None, niter: int,
                      softmask: bool, residual: bool, wiener_win_len: int, aggregate: tuple[str, ...], segment: float | None,
                      overlap: float, device: str, jobs: int, start: float, duration: float | None, keep_rate: bool, fmt: str,
-                     bits: str | None, clip: str, shard: str | None, force: bool, quiet: bool) -> None:
+                     bits: str | None, clip: str, shard: str | None, force: bool, trust_code: bool, quiet: bool) -> None:
     """Separate audio files (or folders of them) into their sources with an Open-Unmix or umxtools model."""
     from umxtools.separate_files import Excerpt, collect_inputs, read_list, separate_files  # noqa: PLC0415
     from umxtools.separation import SeparationSettings, parse_aggregate  # noqa: PLC0415
@@ -581,7 +585,8 @@ def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path,
     options = OutputOptions(format=fmt, bits=bits, clip=clip, keep_rate=keep_rate, force=force)
     with _files_progress([item.path.name for item in items], quiet) as progress:
         results = separate_files(model, items, out, settings, targets=_csv(targets), excerpt=Excerpt(start, duration),
-                                 options=options, jobs=jobs, progress=progress, command=["umxtools", *sys.argv[1:]])
+                                 options=options, jobs=jobs, progress=progress, command=["umxtools", *sys.argv[1:]],
+                                 trust_code=trust_code, lists=[list_file] if list_file else [])
     failed = 0
     for r in results:
         for w in r.warnings:

@@ -1,10 +1,13 @@
-"""open-unmix's published models by name, downloaded through torch.hub as open-unmix does.
+"""open-unmix's published models by name, downloaded into torch.hub's cache as open-unmix does.
 
-The URLs, STFT settings and sizes are those of ``openunmix/__init__.py`` (openunmix 1.3.0):
-``torch.hub.load_state_dict_from_url`` keeps each file in ``$TORCH_HOME/hub/checkpoints`` (by
-default ``~/.cache/torch/hub/checkpoints``) under the URL's file name, so a file fetched once,
-or copied there by hand on a machine without network, is never fetched again. Sizes are read
-off the weights themselves (:func:`umxtools.models.loading.umx_from_state`).
+The URLs, STFT settings and sizes are those of ``openunmix/__init__.py`` (openunmix 1.3.0). Each
+file lives in ``$TORCH_HOME/hub/checkpoints`` (by default ``~/.cache/torch/hub/checkpoints``)
+under the URL's file name, where ``torch.hub.load_state_dict_from_url`` keeps it, so a file
+fetched once, or copied there by hand on a machine without network, is never fetched again.
+Unlike that function (``weights_only=False`` by default in torch 2.13), the file is read with
+``weights_only=True`` (:func:`umxtools.models.loading.load_state`): a pickle placed in the cache
+cannot run code. Sizes are read off the weights themselves
+(:func:`umxtools.models.loading.umx_from_state`).
 """
 
 from __future__ import annotations
@@ -13,8 +16,12 @@ import contextlib
 import io
 import warnings
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
+from urllib.error import URLError
 from urllib.parse import urlparse
+
+from umxtools import fileio
 
 
 @dataclass(frozen=True)
@@ -60,37 +67,53 @@ def hub_file(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
 
+def download(name: str, url: str, path: Path) -> None:
+    """Fetch ``url`` to ``path`` with torch.hub's downloader, atomically (a unique temporary name
+    beside it, renamed when complete: concurrent jobs never read a half-written file)."""
+    import torch.hub  # noqa: PLC0415
+
+    from umxtools.models import ModelError  # noqa: PLC0415
+
+    with fileio.atomic(path) as tmp:
+        try:
+            # no hash check, as open-unmix: the suffix of these names is not guaranteed to be a
+            # SHA-256 prefix. torch.hub announces downloads on stdout, where the command prints
+            # its outputs: the caller warns once instead
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                torch.hub.download_url_to_file(url, str(tmp), progress=False)
+        except (URLError, HTTPException, ValueError) as exc:  # the network or the URL; a full disk is fileio's OutputError
+            reason = str(getattr(exc, "reason", "") or exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise ModelError(name, f"cannot load {url} ({reason}); without network, put that file in {path.parent}") from exc
+
+
 def load_published(name: str, targets: list[str] | None = None, identity: bool = True):
     """The published model ``name`` as a :class:`~umxtools.models.loading.SeparationModel`.
 
     Weights come from torch.hub's cache, downloaded when absent. Raises ``ModelError`` when a
-    download fails (no network: the message says where to put the file).
+    download fails (no network: the message says where to put the file) or when a cached file
+    is not plain weights (it is refused without running anything in it).
     """
-    import torch.hub  # noqa: PLC0415
-
-    from umxtools.models import ModelError  # noqa: PLC0415
-    from umxtools.models.loading import SeparationModel, file_identity, select_targets, umx_args, umx_from_state  # noqa: PLC0415
+    from umxtools.models.loading import (  # noqa: PLC0415
+        SeparationModel,
+        file_identity,
+        load_state,
+        select_targets,
+        umx_args,
+        umx_from_state,
+    )
 
     pub = PUBLISHED[name]
     chosen = select_targets(list(pub.urls), targets, name)
     models, files = {}, {}
     for target in chosen:
         url = pub.urls[target]
-        cached = hub_file(url).exists()
-        try:
-            # check_hash off, as open-unmix: the suffix of these names is not guaranteed to be a
-            # SHA-256 prefix, and a cached file is never re-checked anyway. torch.hub announces
-            # downloads on stdout, where the command prints its outputs: one warning instead
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=False)
-        except Exception as exc:  # noqa: BLE001  (URLError, HTTPError, OSError, unpickling errors, ...)
-            reason = str(getattr(exc, "reason", "") or exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise ModelError(name, f"cannot load {url} ({reason}); without network, put that file in {hub_file(url).parent}") from exc
-        if not cached:
-            warnings.warn(f"{name}: downloaded {url} to {hub_file(url)}", stacklevel=2)
-        models[target] = umx_from_state(state, pub.n_fft, hub_file(url))
-        if identity and hub_file(url).exists():
-            files[hub_file(url).name] = file_identity(hub_file(url))
+        path = hub_file(url)
+        if not path.exists():
+            download(name, url, path)
+            warnings.warn(f"{name}: downloaded {url} to {path}", stacklevel=2)
+        models[target] = umx_from_state(load_state(path), pub.n_fft, path)
+        if identity:
+            files[path.name] = file_identity(path)
     ident = {"source": name, "format": "published", "description": pub.description, "class": "umxtools.models.umx:OpenUnmix",
              "urls": {t: pub.urls[t] for t in chosen}, "args": {t: umx_args(m) for t, m in models.items()}}
     if identity:

@@ -10,7 +10,12 @@ input's :class:`FileResult` error; the other inputs are still separated.
 
 Output names: ``OUT/<input stem>/``; a file called ``mixture.*`` (MUSDB18-HQ's layout) is named
 after its folder and a ``.stem.mp4`` after its name without ``.stem``, so separating a MUSDB18
-split gives ``OUT/<track>/<target>.wav``, the layout ``umxtools eval`` reads.
+split gives ``OUT/<track>/<target>.wav``, the layout ``umxtools eval`` reads. A name that is not a
+plain file name (``..wav`` gives ``.``) is that input's error.
+
+Inputs are never outputs: ``OUT`` may not be, contain or lie inside an input file or folder, the
+list file or the model folder (``--force`` or not), and ``--force`` replaces only an earlier
+separation (a folder holding ``separation.json``, see :mod:`umxtools.stems`).
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from umxtools import __version__, audio
-from umxtools.errors import AudioError, UmxError, UsageError
-from umxtools.stems import OutputError, OutputOptions, StemWriter, check_writable
+from umxtools import __version__, audio, fileio
+from umxtools.errors import AudioError, ModelError, UmxError, UsageError
+from umxtools.stems import OutputOptions, StemWriter, check_replaceable
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3", ".mp4", ".m4a", ".aac")
 RECORD_FORMAT = "umxtools.separation"
@@ -40,11 +45,13 @@ FilesProgress = Callable[[int, str, int], None]
 
 @dataclass(frozen=True)
 class InputItem:
-    """One input: the file, its output folder name, or why it cannot be separated."""
+    """One input: the file, its output folder name, or why it cannot be separated; ``given``:
+    the argument it was found through (the file itself, or a folder holding it)."""
 
     path: Path
     name: str
     error: UmxError | None = None
+    given: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -93,21 +100,30 @@ def collect_inputs(items: Iterable[str | Path]) -> list[InputItem]:
         if path.is_dir():
             files = _folder_inputs(path)
             if not files:
-                found.append(InputItem(path, path.name, AudioError(path, "folder holds no audio files")))
-            found += [InputItem(f, output_name(f)) for f in files]
+                found.append(InputItem(path, path.name, AudioError(path, "folder holds no audio files"), path))
+            found += [_item(f, path) for f in files]
         else:
-            found.append(InputItem(path, output_name(path)))
+            found.append(_item(path, path))
     if not found:
         raise UsageError(None, "no inputs: give audio files, folders or a list of paths")
     seen: dict[str, Path] = {}
     out = []
     for it in found:
         if it.error is None and it.name in seen:
-            it = InputItem(it.path, it.name, UsageError(it.path, f"has the same output name {it.name!r} as {seen[it.name]}"))
+            it = InputItem(it.path, it.name, UsageError(it.path, f"has the same output name {it.name!r} as {seen[it.name]}"), it.given)
         elif it.error is None:
             seen[it.name] = it.path
         out.append(it)
     return out
+
+
+def _item(path: Path, given: Path) -> InputItem:
+    name = output_name(path)
+    try:
+        fileio.check_name(name, "output name", path)
+    except UmxError as exc:
+        return InputItem(path, name, exc, given)
+    return InputItem(path, name, None, given)
 
 
 def _mixture(folder: Path) -> Path | None:
@@ -160,9 +176,8 @@ def separate_file(separator, item: InputItem, out: Path, excerpt: Excerpt, optio
 
 
 def _separate(separator, item: InputItem, out: Path, excerpt: Excerpt, options: OutputOptions, record: dict, progress):
-    path, final = item.path, out / item.name
-    if final.exists() and not options.force:
-        raise OutputError(final, "exists; pass --force to replace it")
+    path, final = item.path, fileio.safe_child(out, item.name, "output name", item.path)
+    check_replaceable(final, options.force)  # again when the stems are complete
     meta = audio.info(path)
     start = round(excerpt.start * meta.sample_rate)
     if start >= meta.frames:
@@ -183,10 +198,14 @@ def _separate(separator, item: InputItem, out: Path, excerpt: Excerpt, options: 
     record = {**record, "input": {**_identity(path), "sample_rate": rate, "channels": meta.channels, "frames": meta.frames,
                                   "start_s": start / rate, "duration_s": length / rate}}
     t0 = time.perf_counter()
-    writer = StemWriter(out / item.name, separator.outputs, model_rate, out_rate, out_length, options)
+    writer = StemWriter(final, separator.outputs, model_rate, out_rate, out_length, options)
     try:
-        for block in separator.stream(mix, progress):
-            writer.write(block)
+        try:
+            for block in separator.stream(mix, progress):
+                writer.write(block)
+        except (RuntimeError, ValueError) as exc:  # the model's own failure (out of memory, a user model's bug)
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ModelError(path, f"the model failed on this input ({type(exc).__name__}: {first}); --debug shows the traceback") from exc
         record["seconds"] = round(time.perf_counter() - t0, 3)
         folder = writer.close(record)
     except BaseException:
@@ -215,21 +234,29 @@ def separate_files(
     jobs: int = 1,
     progress: FilesProgress | None = None,
     command: list[str] | None = None,
+    trust_code: bool = False,
+    lists: Iterable[str | Path] = (),
 ) -> list[FileResult]:
     """Separate every input with one model; results in input order.
 
-    Errors that concern every input (an unknown model, bad settings, an unwritable ``out``) are
-    raised before any work; an input's own problem is its :class:`FileResult`'s ``error``.
-    ``progress(index, event, n)`` gets ``start``, ``total``, ``advance`` and ``done`` per input.
+    Errors that concern every input (an unknown model, bad settings, an unwritable ``out``, an
+    ``out`` that is or holds an input, the list files ``lists`` or the model folder, a model
+    folder that would run code without ``trust_code``) are raised before any work; an input's own
+    problem is its :class:`FileResult`'s ``error``. ``progress(index, event, n)`` gets ``start``,
+    ``total``, ``advance`` and ``done`` per input.
     """
     from umxtools.models.loading import load_model  # noqa: PLC0415
     from umxtools.separation import SeparationSettings, Separator  # noqa: PLC0415
 
     settings = settings or SeparationSettings()
     out = Path(out)
-    model = load_model(model_source, targets)
+    fileio.check_disjoint(out, [p for it in items for p in (it.given, it.path)], "input")
+    fileio.check_disjoint(out, [p for p in lists if str(p) != "-"], "input list")
+    if Path(model_source).expanduser().exists():
+        fileio.check_disjoint(out, [Path(model_source).expanduser()], "model folder")
+    model = load_model(model_source, targets, trust_code=trust_code)
     separator = Separator(model, settings)  # checks the settings against the model
-    check_writable(out)
+    fileio.check_writable(out)
     record = {"format": RECORD_FORMAT, "format_version": 1, "model": model.identity,
               "model_sample_rate": model.sample_rate, "outputs_order": separator.outputs,
               "settings": {**settings.as_dict(), "device": str(separator.device)},
@@ -244,20 +271,20 @@ def separate_files(
         return results
     del separator, model  # each worker loads its own
     jobs = min(jobs, len(items))
-    return _in_processes(model_source, targets, settings, record, items, out, excerpt, options, jobs, progress)
+    return _in_processes(model_source, targets, settings, record, items, out, excerpt, options, jobs, progress, trust_code)
 
 
 _WORKER: dict = {}
 
 
-def _worker_init(model_source, targets, settings, record, threads, events) -> None:
+def _worker_init(model_source, targets, settings, record, threads, events, trust_code) -> None:
     import torch  # noqa: PLC0415
 
     from umxtools.models.loading import load_model  # noqa: PLC0415
     from umxtools.separation import Separator  # noqa: PLC0415
 
     torch.set_num_threads(threads)
-    model = load_model(model_source, targets, identity=False)
+    model = load_model(model_source, targets, identity=False, trust_code=trust_code)
     _WORKER.update(separator=Separator(model, settings), record=record, events=events)
 
 
@@ -271,7 +298,7 @@ def _worker_run(index: int, item: InputItem, out: Path, excerpt: Excerpt, option
         events.put((index, "done", 0))
 
 
-def _in_processes(model_source, targets, settings, record, items, out, excerpt, options, jobs, progress) -> list[FileResult]:
+def _in_processes(model_source, targets, settings, record, items, out, excerpt, options, jobs, progress, trust_code) -> list[FileResult]:
     # spawn, not fork: a forked child of a process that already ran torch's OpenMP pool can hang
     ctx = multiprocessing.get_context("spawn")
     events = ctx.Queue()
@@ -289,7 +316,7 @@ def _in_processes(model_source, targets, settings, record, items, out, excerpt, 
     relay_thread.start()
     try:
         with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
-                                 initargs=(str(model_source), targets, settings, record, threads, events)) as pool:
+                                 initargs=(str(model_source), targets, settings, record, threads, events, trust_code)) as pool:
             futures = [pool.submit(_worker_run, i, item, out, excerpt, options) for i, item in enumerate(items)]
             return [f.result() for f in futures]
     finally:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from umxtools import fileio
 from umxtools.errors import UsageError
 from umxtools.filtering import wiener
 from umxtools.models import ModelError
@@ -89,7 +90,10 @@ class SeparationSettings:
 
 
 def parse_aggregate(items: list[str] | tuple[str, ...]) -> dict[str, list[str]] | None:
-    """``["accompaniment=drums+bass+other", ...]`` -> ``{"accompaniment": ["drums", "bass", "other"]}``."""
+    """``["accompaniment=drums+bass+other", ...]`` -> ``{"accompaniment": ["drums", "bass", "other"]}``.
+
+    ``NAME`` names a file (``NAME.wav``): a plain file name, checked by :func:`umxtools.fileio.check_name`.
+    """
     if not items:
         return None
     out: dict[str, list[str]] = {}
@@ -100,6 +104,7 @@ def parse_aggregate(items: list[str] | tuple[str, ...]) -> dict[str, list[str]] 
             raise UsageError(None, f"aggregate {item!r} is not NAME=TARGET+TARGET...")
         if name.strip() in out:
             raise UsageError(None, f"aggregate {name.strip()!r} is defined twice")
+        fileio.check_name(name.strip(), "aggregate name", "--aggregate")
         out[name.strip()] = names
     return out
 

@@ -1,9 +1,11 @@
 """Writing separated stems: streamed block by block, atomic per track, in the requested format.
 
 A :class:`StemWriter` owns one output folder (``OUT/<track>/``). It writes into a hidden temporary
-folder beside it (``OUT/.<track>.partial-*``) and renames that into place only when every stem and
-the JSON record are complete, so an error, a Ctrl-C or a crash never leaves a half-written
-separation under the final name.
+folder beside it (``OUT/.<track>.<pid>-<random>.partial``, unique to the process and the call) and
+renames that into place only when every stem and the JSON record are complete, so an error (a
+full disk included), a Ctrl-C or a crash never leaves a half-written separation under the final
+name. ``force`` replaces only a folder that holds ``separation.json`` (one a separation made):
+never a dataset's track folder or anything else that happens to have the name.
 
 - Blocks arrive at the model's rate; with ``out_rate`` different they pass through one streaming
   soxr resampler (VHQ) per stem, and the stems are cut or zero-padded to exactly ``length``
@@ -18,16 +20,17 @@ separation under the final name.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import errno
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
+from umxtools import fileio
 from umxtools.errors import OutputError, UsageError
 
 FORMATS = ("wav", "flac")
@@ -80,15 +83,34 @@ class OutputOptions:
         return {"format": self.format, "bits": self.resolved_bits, "clip": self.clip, "keep_rate": self.keep_rate}
 
 
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and make sure a file can be created in it."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".umxtools-probe-{uuid.uuid4().hex[:8]}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(folder, f"cannot write here ({exc.strerror or exc})") from exc
+def check_replaceable(folder: Path, force: bool) -> None:
+    """Refuse an existing ``folder`` unless ``force`` and a separation made it (it holds ``separation.json``)."""
+    if not (folder.exists() or folder.is_symlink()):
+        return
+    if not force:
+        raise OutputError(folder, "exists; pass --force to replace it")
+    if folder.is_symlink() or not (folder / RECORD).is_file():
+        raise OutputError(folder, f"exists and was not made by umxtools separate (no {RECORD} in it); --force replaces "
+                                  "only earlier separations: remove it yourself or choose another -o")
+
+
+def _sf_problem(exc: Exception, file: sf.SoundFile | None = None) -> str:
+    """What went wrong in a libsndfile write, in :func:`umxtools.fileio.os_problem`'s words.
+
+    libsndfile reports a failed ``write`` (a full disk) as "System error." and keeps the OS's
+    reason on the file ("System error : No space left on device."): read it there, map it back
+    to its errno where it is one of the usual ones.
+    """
+    text = str(exc)
+    if file is not None:
+        # soundfile's private handles: without them, the exception's own text
+        with contextlib.suppress(Exception):
+            text = sf._ffi.string(sf._snd.sf_strerror(file._file)).decode(errors="replace")
+    reason = text.rpartition(":")[2].strip().rstrip(".") or text.strip().rstrip(".")
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO):
+        if reason.lower() == os.strerror(code).lower():
+            return fileio.os_problem(OSError(code, os.strerror(code)))
+    return f"cannot write ({reason.lower() or type(exc).__name__})"
 
 
 @dataclass
@@ -123,13 +145,14 @@ class StemWriter:
     stems: dict[str, _Stem] = field(default_factory=dict, init=False)
 
     def __post_init__(self):
-        if self.folder.exists() and not self.options.force:
-            raise OutputError(self.folder, "exists; pass --force to replace it")
-        self.tmp = self.folder.parent / f".{self.folder.name}.partial-{uuid.uuid4().hex[:8]}"
+        check_replaceable(self.folder, self.options.force)
+        for name in self.names:
+            fileio.check_name(name, "output", self.folder)
+        self.tmp = fileio.temp_path(self.folder, ".partial")
         try:
             self.tmp.mkdir(parents=True)
         except OSError as exc:
-            raise OutputError(self.folder.parent, f"cannot write here ({exc.strerror or exc})") from exc
+            raise fileio.output_error(self.folder.parent, exc) from exc
         self.bits = self.options.resolved_bits
         # rescaling needs the peak of every stem first: float temporaries, converted at the end
         self.staged = self.bits != "32f" and self.options.clip == "rescale"
@@ -142,10 +165,13 @@ class StemWriter:
 
     def _open(self, name: str) -> _Stem:
         path = self.tmp / f"{name}{self.options.suffix}"
-        if self.staged:
-            f = sf.SoundFile(self.tmp / f".{name}.f32.wav", "w", self.out_rate, self.channels, "FLOAT", format="WAV")
-        else:
-            f = sf.SoundFile(path, "w", self.out_rate, self.channels, _SUBTYPES[self.bits], format=self.options.format.upper())
+        try:
+            if self.staged:
+                f = sf.SoundFile(self.tmp / f".{name}.f32.wav", "w", self.out_rate, self.channels, "FLOAT", format="WAV")
+            else:
+                f = sf.SoundFile(path, "w", self.out_rate, self.channels, _SUBTYPES[self.bits], format=self.options.format.upper())
+        except sf.LibsndfileError as exc:
+            raise OutputError(self.folder, _sf_problem(exc)) from exc
         resampler = None
         if self.rate != self.out_rate:
             import soxr  # noqa: PLC0415
@@ -168,12 +194,13 @@ class StemWriter:
             return
         stem.written += len(frames)
         stem.peak = max(stem.peak, float(np.abs(frames).max()))
-        if self.bits == "32f" or self.staged:
-            stem.file.write(frames)
-        else:
-            ints, clipped = quantize(frames, int(self.bits))
+        if not (self.bits == "32f" or self.staged):
+            frames, clipped = quantize(frames, int(self.bits))
             stem.clipped += clipped
-            stem.file.write(ints)
+        try:
+            stem.file.write(frames)
+        except (sf.LibsndfileError, OSError, AssertionError) as exc:  # a full disk, a quota (soundfile asserts short writes)
+            raise OutputError(self.folder, _sf_problem(exc, stem.file)) from exc
 
     def close(self, record: dict) -> Path:
         """Finish every stem, write ``separation.json`` (``record`` plus what writing found) and
@@ -184,13 +211,13 @@ class StemWriter:
                     self._put(stem, stem.resampler.resample_chunk(np.zeros((0, self.channels), np.float32), last=True))
                 if stem.written < self.length:
                     self._put(stem, np.zeros((self.length - stem.written, self.channels), np.float32))
-                stem.file.close()
+                self._close(stem.file)
             gain = self._rescale() if self.staged else 1.0
             record = {**record, "output": {"files": {n: s.path.name for n, s in self.stems.items()}, "sample_rate": self.out_rate,
                                            "frames": self.length, **self.options.as_dict(), "gain": gain,
                                            "clipped_samples": {n: s.clipped for n, s in self.stems.items()},
                                            "peak": {n: round(s.peak, 6) for n, s in self.stems.items()}}}
-            (self.tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            fileio.write_json(self.tmp / RECORD, record, indent=2)
             self._commit()
         except BaseException:
             self.abort()
@@ -209,31 +236,55 @@ class StemWriter:
         gain = min(1.0, top / peak) if peak > 0 else 1.0
         for name, stem in self.stems.items():
             staged = self.tmp / f".{name}.f32.wav"
-            with sf.SoundFile(staged) as src, sf.SoundFile(stem.path, "w", self.out_rate, self.channels, _SUBTYPES[self.bits],
-                                                           format=self.options.format.upper()) as dst:
+            with sf.SoundFile(staged) as src:
+                try:
+                    dst = sf.SoundFile(stem.path, "w", self.out_rate, self.channels, _SUBTYPES[self.bits],
+                                       format=self.options.format.upper())
+                except sf.LibsndfileError as exc:
+                    raise OutputError(self.folder, _sf_problem(exc)) from exc
+                stem.file = dst  # abort() closes it
                 for frames in src.blocks(_READ_BLOCK, dtype="float32", always_2d=True):
                     ints, clipped = quantize(frames * np.float32(gain), bits)
                     stem.clipped += clipped
-                    dst.write(ints)
+                    try:
+                        dst.write(ints)
+                    except (sf.LibsndfileError, OSError) as exc:
+                        raise OutputError(self.folder, _sf_problem(exc, dst)) from exc
+                self._close(dst)
             staged.unlink()
         return gain
 
+    def _close(self, file: sf.SoundFile) -> None:
+        """Close a stem; libsndfile writes its header now, which can fail on a full disk too."""
+        try:
+            file.close()
+        except (sf.LibsndfileError, OSError) as exc:
+            raise OutputError(self.folder, _sf_problem(exc)) from exc
+
     def _commit(self) -> None:
+        """Rename the finished folder into place; an earlier separation under the name is replaced
+        (checked again here: another process may have put something there meanwhile)."""
         old = None
-        if self.folder.exists():
-            if not self.options.force:
-                raise OutputError(self.folder, "exists; pass --force to replace it")
-            old = self.folder.parent / f".{self.folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.folder, old)
-        os.replace(self.tmp, self.folder)
+        try:
+            if self.folder.exists() or self.folder.is_symlink():
+                check_replaceable(self.folder, self.options.force)
+                old = fileio.temp_path(self.folder, ".old")
+                os.replace(self.folder, old)
+            os.replace(self.tmp, self.folder)
+        except OSError as exc:
+            if old is not None and not self.folder.exists():
+                os.replace(old, self.folder)  # the earlier separation stays where it was
+            raise fileio.output_error(self.folder, exc) from exc
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            fileio.remove_tree(old, RECORD)
 
     def abort(self) -> None:
         """Drop everything written so far."""
         for stem in self.stems.values():
-            if not stem.file.closed:
+            try:
                 stem.file.close()
+            except (sf.LibsndfileError, OSError, RuntimeError):
+                pass  # the folder goes anyway
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

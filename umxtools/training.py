@@ -16,7 +16,10 @@ validation cache each epoch, and the best weights kept by validation loss. The m
   magnitudes) or waveform (L1/SDR) according to its ``kind`` attribute.
 
 Everything is checked before anything is written (caches, targets, STFT settings, the model, the
-output folder, the checkpoint to resume), so bad input leaves no files. Under ``torchrun`` the
+output folder, the checkpoint to resume), so bad input leaves no files. Rank 0 then holds an
+exclusive lock on the run (``OUT/.<run>.chkpnt.lock``, :func:`umxtools.fileio.exclusive`) while it
+decides whether to resume or replace and for the whole training: a second ``train`` of the same
+run into the same folder fails at once, naming the holder. Under ``torchrun`` the
 same function runs in every process (DistributedDataParallel; each rank draws its own share of
 the random excerpts; rank 0 alone writes). The files are described in docs/model-format.md and
 docs/train.md.
@@ -42,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from umxtools import __version__, distributed
+from umxtools import __version__, distributed, fileio
 from umxtools.batching import CacheLoader
 from umxtools.cache import MIXTURE, CacheMeta, open_cache
 from umxtools.checkpoints import (
@@ -65,7 +68,7 @@ from umxtools.checkpoints import (
     write_json,
     write_separator,
 )
-from umxtools.errors import CacheError, TrainingError, UmxError, UsageError
+from umxtools.errors import CacheError, OutputError, TrainingError, UmxError, UsageError
 from umxtools.loaders import IndexDataset, RandomDataset
 from umxtools.models import JOINT, LOSSES, MODELS, ModelError, OpenUnmix, OpenUnmixJoint, load_class, spec_of
 from umxtools.transforms import bandwidth_to_max_bin
@@ -178,12 +181,36 @@ def train(config: TrainConfig, report: Reporter | None = None) -> Path:
     if config.amp is not None and device.type != "cuda":
         raise UsageError(None, f"--amp {config.amp} needs a CUDA device (training on {device.type} runs in float32)")
     plan = prepare(config)
-    distributed.setup(ctx, device)
-    try:
-        _Trainer(plan, ctx, device, report if ctx.main else None).fit()
-    finally:
-        distributed.teardown(ctx)
+    with _holding(plan.files, ctx):
+        plan_output_of(plan)
+        distributed.setup(ctx, device)
+        try:
+            _Trainer(plan, ctx, device, report if ctx.main else None).fit()
+        finally:
+            distributed.teardown(ctx)
     return config.output
+
+
+@contextlib.contextmanager
+def _holding(files: RunFiles, ctx: distributed.Context):
+    """Rank 0: the output folder checked writable and the run's lock held for the block.
+
+    A folder this call created is removed again if it is still empty at the end (bad input found
+    under the lock, a NaN loss in the first epoch): a failed run leaves no files.
+    """
+    if not ctx.main:
+        yield
+        return
+    folder = files.folder
+    created = not folder.exists()
+    try:
+        fileio.check_writable(folder)
+        with fileio.exclusive(files.checkpoint):
+            yield
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only succeeds when empty
 
 
 def pick_device(name: str, ctx: distributed.Context | None = None) -> torch.device:
@@ -199,8 +226,14 @@ def pick_device(name: str, ctx: distributed.Context | None = None) -> torch.devi
 
 
 def prepare(config: TrainConfig) -> _Plan:
-    """Check the caches, targets, settings, model, output folder and checkpoint; build the model."""
+    """Check the caches, targets, settings and model; build the model. Reads no output file:
+    :func:`plan_output_of` decides, under the run's lock, what the output folder's files mean."""
     _check_flags(config)
+    for path in (config.cache, config.valid):
+        if Path(config.output).resolve() == Path(path).resolve():
+            raise OutputError(config.output, f"is the cache {path}; write the model folder somewhere else (-o)")
+    if Path(config.output).exists() and not Path(config.output).is_dir():
+        raise OutputError(config.output, "exists and is not a folder")
     meta = open_cache(config.cache, check_stale=not config.allow_stale)
     s = meta.settings
     for flag, key, want in (("--nfft", "n_fft", config.nfft), ("--nhop", "n_hop", config.nhop)):
@@ -221,13 +254,18 @@ def prepare(config: TrainConfig) -> _Plan:
         warnings.warn(f"{files.folder}: open-unmix's load_separator rebuilds only 3-layer bidirectional UMX models; "
                       "this one loads in umxtools only", stacklevel=2)
     identity = run_identity(config, spec, meta, valid_meta)
-    resume, delete = plan_output(files, config.force, config.resume)
+    return _Plan(config, meta, valid_meta, model, spec, files, identity, None, [])
+
+
+def plan_output_of(plan: _Plan) -> None:
+    """Whether to resume (the checkpoint, checked against the flags) and which files of an earlier
+    run ``--force`` replaces; refuses a folder holding another run. Nothing is written here."""
+    config, files, s = plan.config, plan.files, plan.meta.settings
+    resume, plan.delete = plan_output(files, config.force, config.resume)
     check_separator(files, separator_conf(s.sample_rate, s.n_fft, s.n_hop, config.nb_channels))
-    state = None
     if resume:
-        state = load_checkpoint(files.checkpoint)
-        check_identity(files.checkpoint, state.get("identity", {}), identity)
-    return _Plan(config, meta, valid_meta, model, spec, files, identity, state, delete)
+        plan.resume = load_checkpoint(files.checkpoint)
+        check_identity(files.checkpoint, plan.resume.get("identity", {}), plan.identity)
 
 
 def build_model(config: TrainConfig, meta: CacheMeta) -> tuple[torch.nn.Module, ModelSpec]:
@@ -304,6 +342,8 @@ def run_identity(config: TrainConfig, spec: ModelSpec, meta: CacheMeta, valid_me
 def _check_flags(c: TrainConfig) -> None:
     if not c.targets:
         raise UsageError(None, "no target given")
+    for t in c.targets:  # a target names the run's files (<target>.pth)
+        fileio.check_name(t, "target", "--targets" if len(c.targets) > 1 else "--target")
     if len(set(c.targets)) != len(c.targets):
         raise UsageError(None, f"a target is named twice: {', '.join(c.targets)}")
     if c.model == "umx" and len(c.targets) > 1 and not c.joint:
@@ -497,7 +537,7 @@ class _Trainer:
     def fit(self) -> None:
         c, ctx = self.config, self.ctx
         if ctx.main:
-            remove_stale_tmp(self.files.folder)
+            remove_stale_tmp(self.files)
             for p in self.plan.delete:  # --force: the earlier run goes only now that every check passed
                 p.unlink(missing_ok=True)
             if self.plan.resume is not None:

@@ -6,6 +6,11 @@ spec, constructor arguments, whole-model weights); otherwise ``separator.json`` 
 dict shapes (what open-unmix reads from ``<target>.json`` is checked against them). Published
 open-unmix weights by name are :mod:`umxtools.pretrained`'s.
 
+A model folder is data: its files never run code unless the caller trusts it. Weights are read
+with ``torch.load(weights_only=True)``; a ``model.json`` whose class is not one of umxtools' own
+(``umxtools.*`` modules) is refused without ``trust_code`` (``--trust-code``); every target and
+file name read from its JSON files becomes a path only through :func:`umxtools.fileio.safe_child`.
+
 Every model becomes a :class:`SeparationModel`: either one :class:`OpenUnmix` per target, which
 :mod:`umxtools.separation` runs with memory bounded independently of the track length, or any
 module with the interface of its ``kind``.
@@ -15,15 +20,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from umxtools import fileio
+from umxtools.errors import UntrustedCodeError
 from umxtools.models import KINDS, ModelError, load_class
 from umxtools.models.umx import OpenUnmix
 
 MODEL_FORMAT = "umxtools.model"
+# the environment variable that trusts model folders' code where no flag can be passed (bin/ scripts)
+TRUST_ENV = "UMXTOOLS_TRUST_CODE"
+TRUST_HINT = f"if you trust this model folder, pass --trust-code (or set {TRUST_ENV}=1)"
 
 
 @dataclass
@@ -61,7 +73,8 @@ class SeparationModel:
         return self.umx is None
 
 
-def load_model(source: str | Path, targets: list[str] | None = None, identity: bool = True) -> SeparationModel:
+def load_model(source: str | Path, targets: list[str] | None = None, identity: bool = True,
+               trust_code: bool = False) -> SeparationModel:
     """A model folder or a published model name -> :class:`SeparationModel` on the CPU, in eval mode.
 
     Args:
@@ -69,16 +82,21 @@ def load_model(source: str | Path, targets: list[str] | None = None, identity: b
             :data:`umxtools.pretrained.PUBLISHED`.
         targets: the targets to separate, a subset of the model's (default: all, in its order).
         identity: hash the weight files for the provenance record (``SeparationModel.identity``).
-    Raises :class:`ModelError` for an unknown name, a folder that is not a model, missing weights.
+        trust_code: import the Python file or module a ``model.json`` names outside ``umxtools``.
+    Raises :class:`ModelError` for an unknown name, a folder that is not a model, missing weights;
+    :class:`UntrustedCodeError` for a folder that would run code without ``trust_code``;
+    :class:`UnsafeNameError` for a target or file name that would leave the folder.
     """
     from umxtools import pretrained  # noqa: PLC0415  (it imports this module)
 
+    for t in targets or []:
+        fileio.check_name(t, "target", "--targets")
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelError(path, "is a file; a model is a folder (model.json or separator.json + <target>.pth)")
         if (path / "model.json").exists():
-            model = _load_umxtools_folder(path, targets)
+            model = _load_umxtools_folder(path, targets, trust_code)
         elif (path / "separator.json").exists():
             model = _load_openunmix_folder(path, targets)
         else:
@@ -128,14 +146,33 @@ def select_targets(available: list[str], targets: list[str] | None, where: Path 
 
 
 def load_state(path: Path) -> dict:
-    """A state dict from a ``.pth`` file (``weights_only``: a weights file never runs code)."""
+    """A state dict from a ``.pth`` file (``weights_only``: a weights file never runs code).
+
+    A pickle that holds anything but tensors and plain values (an object that would run code
+    when loaded) is refused before any of it runs: :class:`ModelError`, one line naming the file.
+    """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols of refused files before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelError(path, "not a plain weights file (it would run code on load, or it is damaged); nothing in it was run: "
+                               "get it again from a source you trust, or save the weights as a state dict "
+                               "(torch.save(model.state_dict(), PATH))") from exc
     except Exception as exc:  # noqa: BLE001  (torch raises several types for truncated or foreign files)
-        raise ModelError(path, f"not a readable weights file ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]})") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelError(path, f"not a readable weights file ({type(exc).__name__}: {first})") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(path, "not a state dict (a mapping of parameter names to tensors)")
     return state
+
+
+def _target_names(names: list, where: Path) -> list[str]:
+    """Targets read from a model's JSON file: each must be a plain file name (it names files)."""
+    for name in names:
+        fileio.check_name(name, "target", where)
+    return list(names)
 
 
 # --- open-unmix's layout ---------------------------------------------------------------------------
@@ -150,10 +187,13 @@ def _load_openunmix_folder(folder: Path, targets: list[str] | None) -> Separatio
     if not isinstance(rate, (int, float)) or rate <= 0 or rate != int(rate):
         raise ModelError(folder / "separator.json", f"needs a positive whole 'sample_rate', has {rate!r}")
     available = conf.get("targets")
-    if not isinstance(available, list) or not available:
+    if isinstance(available, list) and available:
+        _target_names(available, folder / "separator.json")
+    else:
         # open-unmix's own separator.json has no target list: every <target>.json with weights
-        available = sorted(p.stem for p in folder.glob("*.json") if p.name not in ("separator.json", "model.json")
-                           and _weights_path(folder, p.stem) is not None)
+        available = _target_names(sorted(p.stem for p in folder.glob("*.json") if p.name not in ("separator.json", "model.json")
+                                         and _weights_path(folder, p.stem) is not None), folder)
+    # every target is a checked plain name from here on: <target>.pth and <target>.json stay in the folder
     chosen = select_targets(available, targets, folder)
     models, weights = {}, []
     for target in chosen:
@@ -161,10 +201,11 @@ def _load_openunmix_folder(folder: Path, targets: list[str] | None) -> Separatio
         if path is None:
             raise ModelError(folder, f"has no weights for target {target!r} ({target}.pth)")
         state = load_state(path)
-        meta = _read_json(folder / f"{target}.json") if (folder / f"{target}.json").exists() else {}
+        meta_path = folder / f"{target}.json"
+        meta = _read_json(meta_path) if meta_path.exists() else {}
         nfft = meta.get("args", {}).get("nfft", conf["nfft"])
         if nfft != conf["nfft"]:
-            raise ModelError(folder / f"{target}.json", f"was trained with nfft {nfft}, separator.json says {conf['nfft']}")
+            raise ModelError(meta_path, f"was trained with nfft {nfft}, separator.json says {conf['nfft']}")
         models[target] = umx_from_state(state, conf["nfft"], path)
         if models[target].nb_channels != conf["nb_channels"]:
             raise ModelError(path, f"takes {models[target].nb_channels} channel(s), separator.json says {conf['nb_channels']}")
@@ -226,7 +267,14 @@ def umx_args(model: OpenUnmix) -> dict:
 # --- umxtools' model.json ----------------------------------------------------------------------------
 
 
-def _load_umxtools_folder(folder: Path, targets: list[str] | None) -> SeparationModel:
+def builtin_spec(spec: str) -> bool:
+    """Whether a class spec names a module of umxtools itself (no code from outside the package)."""
+    module_name, sep, class_name = spec.rpartition(":")
+    return (bool(sep) and module_name.startswith("umxtools.") and not module_name.endswith(".py")
+            and all(part.isidentifier() for part in module_name.split(".")) and class_name.isidentifier())
+
+
+def _load_umxtools_folder(folder: Path, targets: list[str] | None, trust_code: bool = False) -> SeparationModel:
     meta_path = folder / "model.json"
     meta = _read_json(meta_path)
     if meta.get("format") != MODEL_FORMAT:
@@ -237,6 +285,7 @@ def _load_umxtools_folder(folder: Path, targets: list[str] | None) -> Separation
     available = meta.get("targets")
     if not isinstance(available, list) or not available or not all(isinstance(t, str) for t in available):
         raise ModelError(meta_path, "needs a non-empty 'targets' list")
+    _target_names(available, meta_path)
     rate = meta.get("sample_rate")
     if not isinstance(rate, (int, float)) or rate <= 0 or rate != int(rate):
         raise ModelError(meta_path, f"needs a positive whole 'sample_rate', has {rate!r}")
@@ -246,6 +295,10 @@ def _load_umxtools_folder(folder: Path, targets: list[str] | None) -> Separation
                 raise ModelError(meta_path, f"a spectrogram model needs a positive integer {key!r}")
     chosen = select_targets(available, targets, folder)
     spec = str(meta.get("class", ""))
+    if not builtin_spec(spec) and not trust_code:
+        raise UntrustedCodeError(meta_path, f"its class {spec!r} is Python code from outside umxtools, which would run on load; "
+                                            f"{TRUST_HINT}")
+    weights = fileio.safe_child(folder, str(meta.get("weights", "model.pth")), "weights file", meta_path)
     cls = load_class(_spec_near(spec, folder))
     if cls.kind != kind:
         raise ModelError(meta_path, f"says kind {kind!r} but {spec} is a {cls.kind} model")
@@ -258,7 +311,6 @@ def _load_umxtools_folder(folder: Path, targets: list[str] | None) -> Separation
         raise ModelError(spec, f"cannot construct with {json.dumps(args, sort_keys=True)} ({exc})") from exc
     except Exception as exc:  # noqa: BLE001  (user code: any failure is one line, not a traceback)
         raise ModelError(spec, f"constructor failed: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
-    weights = folder / str(meta.get("weights", "model.pth"))
     if not weights.is_file():
         raise ModelError(folder, f"has no weights file {weights.name}")
     state = load_state(weights)
