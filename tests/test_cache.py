@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from umxtools.cache import CacheOptions, Shard, build_cache, check_cache, merge_caches, open_cache
+from umxtools.cache import CacheOptions, Shard, build_cache, merge_caches, open_cache
 from umxtools.datasets import MUSDB_SOURCES, musdb_tracks
 from umxtools.errors import CacheError, StaleCacheError, UsageError
 from umxtools.transforms import STFTSettings
@@ -102,14 +102,28 @@ def test_cli_builds_stems_and_hq_alike(run_cli, tmp_path):
     assert 6.5 < summary["duration_s"] < 7.5 and summary["gb_per_hour"] > 0
 
 
-def test_refuses_to_overwrite_without_force(run_cli, toy_root, tmp_path):
+def test_refuses_to_overwrite_without_force(run_cli, toy_root, toy_cache, tmp_path):
     out = tmp_path / "c.h5"
-    out.write_bytes(b"precious")
+    out.write_bytes(toy_cache.read_bytes())
     r = run_cli("cache", "musdb", toy_root, "--is-wav", "--split", "all", "-q", "-o", out)
     assert error_line(r) == f"umxtools: error: {out}: exists; pass --force to replace it"
-    assert out.read_bytes() == b"precious"
-    r = run_cli("cache", "musdb", toy_root, "--is-wav", "--split", "all", "-q", "--force", "-o", out)
-    assert r.code == 0 and open_cache(out).tracks
+    assert out.read_bytes() == toy_cache.read_bytes()
+    r = run_cli("cache", "musdb", toy_root, "--is-wav", "--subsets", "test", "-q", "--force", "-o", out)
+    assert r.code == 0 and [t.name for t in open_cache(out).tracks] == ["toy_004", "toy_005"]
+
+
+@pytest.mark.parametrize("command", ["build", "merge"])
+def test_force_never_replaces_a_file_that_is_not_a_cache(run_cli, toy_root, toy_cache, tmp_path, command):
+    """The accident: -o pointed at the wrong file (a results table, a checkpoint); --force out of habit."""
+    out = tmp_path / "results.h5"
+    out.write_bytes(b"weeks of results")
+    args = (["cache", "musdb", toy_root, "--is-wav", "--split", "all", "-q", "--force", "-o", out] if command == "build"
+            else ["cache", "merge", out, toy_cache, "--force"])
+    r = run_cli(*args)
+    assert error_line(r) == (f"umxtools: error: {out}: exists and is not a umxtools cache; it is left as it is: "
+                             "remove it yourself or choose another -o")
+    assert out.read_bytes() == b"weeks of results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.h5"]
 
 
 def test_shards_merge_to_the_single_build(toy_root, toy_cache, tmp_path):
@@ -174,7 +188,9 @@ def test_stale_cache_is_refused(run_cli, toy_copy, tmp_path):
     out = tmp_path / "c.h5"
     refs = musdb_tracks(toy_copy, is_wav=True, subsets="train", split=None)
     build_cache(refs, out, list(MUSDB_SOURCES), meta={"kind": "musdb", "additive": True})
-    assert check_cache(out) == []
+    r = run_cli("cache", "check", out)
+    # 4 tracks x 5 roles x (stft, wave, stats) + mean and std of 5 roles
+    assert (r.code, r.out, r.err) == (0, f"{out}: 4 tracks, all 70 checksums match, statistics agree with the tracks, inputs unchanged\n", "")
     vocals = toy_copy / "train" / "toy_001" / "vocals.wav"
     data = _wav(vocals)
     sf.write(vocals, (data * 0.5).T, 44100, subtype="PCM_16")

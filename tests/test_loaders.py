@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -170,6 +174,28 @@ def test_cache_loader_reports_worker_errors(toy_cache):
     ds._sample = broken  # inherited by the forked workers
     with pytest.raises(Err, match="damaged track at sample"):
         next(iter(CacheLoader(ds, batch_size=2, num_workers=2)))
+
+
+def test_cache_loader_reports_a_killed_worker_in_one_line(toy_cache):
+    """A loader worker killed (the kernel's OOM killer) surfaced as a RuntimeError traceback."""
+    ds = RandomDataset(toy_cache, "vocals", seq_dur=1.0, samples_per_track=2)
+    ds._sample = lambda index: os.kill(os.getpid(), signal.SIGKILL)  # in the forked workers
+    with pytest.raises(CacheError) as caught:
+        next(iter(CacheLoader(ds, batch_size=2, num_workers=2)))
+    assert str(caught.value) == (f"{toy_cache}: a loader worker process died (killed by SIGKILL, out of memory?) while reading it; "
+                                 "rerun with fewer workers if memory is short")
+
+
+def test_cache_loader_reports_other_worker_failures_in_one_line(toy_cache):
+    ds = RandomDataset(toy_cache, "vocals", seq_dur=1.0, samples_per_track=2)
+
+    def broken(index):
+        raise ValueError(f"bad sample {index}\nmore detail")
+
+    ds._sample = broken
+    with pytest.raises(CacheError) as caught:
+        next(iter(CacheLoader(ds, batch_size=2, num_workers=2)))
+    assert re.fullmatch(rf"{re.escape(str(toy_cache))}: a loader worker failed \(ValueError: bad sample \d+\)", str(caught.value))
 
 
 @pytest.mark.parametrize("options", [{"compression": "lzf"}, {"compression": "zstd"}, {"chunk_frames": 7}, {"dtype": "float32"}])

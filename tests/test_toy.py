@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from tests.conftest import error_line
 from umxtools import toy
+from umxtools.errors import UsageError
 from umxtools.toy import STEMS, make_toy_dataset, synthesize_track
 
 SR = 44100
@@ -51,7 +54,11 @@ def test_layout(dataset: tuple[Path, list[Path]]) -> None:
     # tracks=3 gives the default max(2, 3 // 4) = 2 test tracks, numbered on from the train ones
     expected = [root / "train" / f"toy_00{i}" for i in range(3)] + [root / "test" / f"toy_00{i}" for i in (3, 4)]
     assert folders == expected
-    assert sorted(p.name for p in root.iterdir()) == ["test", "train"]
+    # the two splits, and the marker that lets toy (and only toy) write here again
+    assert sorted(p.name for p in root.iterdir()) == [".umxtools.json", "test", "train"]
+    marker = json.loads((root / ".umxtools.json").read_text())
+    assert marker["command"] == "toy" and marker["arguments"] == {"tracks": 3, "test_tracks": 2, "seconds": SECONDS, "seed": 0,
+                                                                   "sample_rate": SR}
     assert sorted(p.name for p in (root / "train").iterdir()) == ["toy_000", "toy_001", "toy_002"]
     assert sorted(p.name for p in (root / "test").iterdir()) == ["toy_003", "toy_004"]
     for folder in folders:
@@ -229,6 +236,48 @@ def test_different_seed_different_audio(tmp_path: Path) -> None:
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UsageError, match=message):
         make_toy_dataset(tmp_path / "toy", **kwargs)
+    assert not (tmp_path / "toy").exists()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_toy_never_writes_into_a_real_dataset(run_cli, tmp_path: Path) -> None:
+    """The accident: `umxtools toy ~/data/musdb18hq` put toy tracks beside the real ones (train/test leakage)."""
+    real = tmp_path / "musdb18hq"
+    for split, track in (("train", "A Classic Education - NightOwl"), ("test", "Al James - Schoolboy Facination")):
+        (real / split / track).mkdir(parents=True)
+        for stem in (*STEMS, "mixture"):
+            sf.write(real / split / track / f"{stem}.wav", np.zeros((10, 2), np.float32), SR)
+    before = _tree(real)
+    r = run_cli("toy", real, "--tracks", "1", "--seconds", "0.1")
+    assert error_line(r) == (f"umxtools: error: {real}: holds files that 'umxtools toy' did not make (test, ...); "
+                             "choose an empty or new folder (-o)")
+    assert _tree(real) == before and not (real / ".umxtools.json").exists()
+
+
+def test_toy_reruns_only_with_the_same_arguments(run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "toy"
+    assert run_cli("toy", out, "--tracks", "2", "--seconds", "0.1").code == 0
+    before = _tree(out)
+    r = run_cli("toy", out, "--tracks", "2", "--seconds", "0.1")  # a repeated (or interrupted) run
+    assert (r.code, r.out) == (0, f"{out}\n") and _tree(out) == before
+    # 8 train tracks over 2: the old test/toy_002 would now also be train/toy_002, the same audio
+    r = run_cli("toy", out, "--tracks", "8", "--seconds", "0.1")
+    assert error_line(r) == (f"umxtools: error: {out}: holds a toy dataset made with tracks=2, test_tracks=2, seconds=0.1, seed=0, "
+                             "sample_rate=44100; choose another folder (its tracks would mix with these)")
+    assert _tree(out) == before
+
+
+@pytest.mark.parametrize("seconds,message", [
+    ("0.00001", "seconds=1e-05 is shorter than one sample at 44100 Hz"),
+    ("1e9", "seconds must be a positive number of at most 600, got 1000000000.0"),
+    ("nan", "seconds must be a positive number of at most 600, got nan"),
+])
+def test_out_of_range_seconds_are_one_line(run_cli, tmp_path: Path, seconds: str, message: str) -> None:
+    r = run_cli("toy", tmp_path / "toy", "--seconds", seconds)
+    assert error_line(r) == f"umxtools: error: {message}"
     assert not (tmp_path / "toy").exists()

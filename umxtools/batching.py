@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
-import traceback
+import signal
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from umxtools.errors import UmxError
+from umxtools.audio import _first_line
+from umxtools.errors import CacheError, UmxError
 from umxtools.loaders import RandomDataset, _CacheDataset
 
 
@@ -99,8 +100,18 @@ def _worker(dataset: _CacheDataset, buffers, tasks, results) -> None:
             results.put((seq, None))
         except UmxError as exc:
             results.put((seq, exc))
-        except Exception:  # noqa: BLE001  (anything else travels back as text: it may not pickle)
-            results.put((seq, RuntimeError(traceback.format_exc())))
+        except Exception as exc:  # noqa: BLE001  (anything else travels back as one line: it may not pickle)
+            results.put((seq, CacheError(dataset.meta.path, f"a loader worker failed ({type(exc).__name__}: {_first_line(exc)})")))
+
+
+def _how(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by {name}" + (", out of memory?" if -exitcode == signal.SIGKILL else "")
+    return f"exit code {exitcode}"
 
 
 class CacheLoader:
@@ -188,11 +199,12 @@ class CacheLoader:
                     continue
                 while next_seq not in done:
                     try:
-                        seq, error = results.get(timeout=5.0)
+                        seq, error = results.get(timeout=1.0)  # how soon a dead worker is noticed
                     except queue.Empty:
                         dead = [w for w in workers if not w.is_alive()]
                         if dead:
-                            raise RuntimeError(f"a loader worker died (exit code {dead[0].exitcode})") from None
+                            raise CacheError(self.dataset.meta.path, f"a loader worker process died ({_how(dead[0].exitcode)}) "
+                                                                     "while reading it; rerun with fewer workers if memory is short") from None
                         continue
                     done[seq] = error
                 error = done.pop(next_seq)

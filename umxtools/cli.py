@@ -245,16 +245,19 @@ def cache_info(file: Path, as_json: bool) -> None:
 @cache.command("check")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 def cache_check(file: Path) -> None:
-    """Verify stored checksums and that the input files did not change since the build."""
+    """Verify every checksum, the statistics, that every track fits the cache's settings, and that
+    the input files did not change since the build; print a one-line verdict."""
     from umxtools.cache import check_cache  # noqa: PLC0415
     from umxtools.errors import CacheError  # noqa: PLC0415
 
-    problems = check_cache(file)
-    for p in problems:  # the report itself, on stdout; the verdict is the error line
+    report = check_cache(file)
+    for p in report.problems:  # the report itself, on stdout; the verdict is the error line
         click.echo(f"{file}: {p}")
-    if problems:
-        raise CacheError(file, f"{len(problems)} problem(s) found")
-    click.echo(str(file))
+    for note in report.notes:
+        click.echo(f"{file}: note: {note}")
+    if not report.ok:
+        raise CacheError(file, report.verdict)
+    click.echo(f"{file}: {report.verdict}")
 
 
 @cache.command("merge")

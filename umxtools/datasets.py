@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from umxtools import audio
+from umxtools import audio, fileio
 from umxtools.errors import AudioError, DatasetError, UmxError, UsageError
 
 MUSDB_SOURCES = ("vocals", "drums", "bass", "other")
@@ -132,6 +132,11 @@ def folder_tracks(
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(root, "no such dataset folder")
+    # names from flags become paths inside the root only as plain names
+    for name in sources or ():
+        fileio.check_name(name, "source", "--sources")
+    for flag, name in (("--input-file", input_file), ("--output-file", output_file), ("--mixture-file", mixture_file)):
+        fileio.check_name(name, "file name", flag)
     if layout == "aligned":
         refs = _aligned(root, input_file, output_file)
     elif layout == "sourcefolder":
@@ -176,17 +181,26 @@ def _sourcefolder(root: Path, sources: list[str] | None) -> list[TrackRef]:
 
 
 def _trackfolder(root: Path, sources: list[str] | None, mixture_file: str, variable: bool) -> list[TrackRef]:
+    """Every track holds the same sources: ``sources`` or, by default, every source any track has.
+
+    A track that lacks one is an error naming the missing file, unless ``variable`` (then it is
+    silence): open-unmix's fixed-source training would otherwise train on a stem that is absent.
+    """
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    found = [(folder, {p.stem: p for p in _audio_files(folder) if p.name != mixture_file}) for folder in folders]
+    wanted = sources or sorted({s for _, present in found for s in present})
+    suffix = {s: p.suffix for _, present in found for s, p in present.items()}  # names the missing file
     refs = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        present = {p.stem: p for p in _audio_files(folder) if p.name != mixture_file}
-        wanted = sources or sorted(present)
+    for folder, present in found:
         if not variable:
             missing = [s for s in wanted if s not in present]
             if missing:
-                raise DatasetError(folder, f"missing stems: {', '.join(missing)}")
+                raise DatasetError(folder / f"{missing[0]}{suffix.get(missing[0], '.wav')}",
+                                   "missing; every track of a trackfolder dataset needs the same sources "
+                                   "(--sources to choose, --variable-sources to allow silence)")
         files = {s: str(present[s]) for s in wanted if s in present}
         if not files:
-            raise DatasetError(folder, "no stems found")
+            raise DatasetError(folder, "no stems found" + (f" (looked for {', '.join(wanted)})" if wanted else ""))
         if (folder / mixture_file).exists():
             files["mixture"] = str(folder / mixture_file)
         refs.append(TrackRef(name=folder.name, kind="trackfolder", files=files))

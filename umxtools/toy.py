@@ -27,13 +27,16 @@ transposes to soundfile's ``(nb_samples, nb_channels)``.
 
 from __future__ import annotations
 
+import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from umxtools import fileio
+from umxtools.errors import OutputError, UsageError
 
 STEMS: tuple[str, ...] = ("vocals", "drums", "bass", "other")
 MIXTURE = "mixture"
@@ -47,6 +50,9 @@ _TARGET_RMS: dict[str, float] = {"vocals": 0.07, "drums": 0.05, "bass": 0.07, "o
 _MAX_PEAK = 0.85
 # Below this rate the hi-hat band (6 kHz and up) would not exist.
 _MIN_SAMPLE_RATE = 16000
+# A typo (--seconds 80000) fails at once instead of exhausting memory: a track is synthesised
+# whole, in float64, several arrays per stem.
+MAX_SECONDS = 600.0
 
 _MAJOR = (0, 2, 4, 5, 7, 9, 11)
 _MINOR = (0, 2, 3, 5, 7, 8, 10)
@@ -123,33 +129,41 @@ def make_toy_dataset(
         one ``round(seconds * sample_rate)`` samples of stereo 32-bit float.
 
     Raises:
-        ValueError: an argument out of range.
+        UsageError: an argument out of range.
+        OutputError: ``root`` holds files that ``make_toy_dataset`` did not write (a real dataset
+            must never get toy tracks beside its own), or a toy dataset made with other arguments.
 
-    Existing files are overwritten; each file is written under a temporary name and renamed,
-    so an interrupted run never leaves a partial WAV under a final name.
+    ``root`` must be missing, empty, or a toy dataset made before with the same arguments (its
+    marker file, :data:`umxtools.fileio.MARKER`, records them); then its files are rewritten with
+    the same bytes, so an interrupted run can simply be repeated. Each file is written under a
+    temporary name and renamed, so an interrupted run never leaves a partial WAV under a final name.
     """
     if tracks < 1:
-        raise ValueError(f"tracks must be at least 1, got {tracks}")
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"seconds must be a positive number, got {seconds}")
+        raise UsageError(None, f"tracks must be at least 1, got {tracks}")
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
+        raise UsageError(None, f"seconds must be a positive number of at most {MAX_SECONDS:g}, got {seconds}")
     if test_tracks is None:
         test_tracks = max(2, tracks // 4)
     if test_tracks < 0:
-        raise ValueError(f"test_tracks must be 0 or more, got {test_tracks}")
+        raise UsageError(None, f"test_tracks must be 0 or more, got {test_tracks}")
     if seed < 0:
-        raise ValueError(f"seed must be 0 or more, got {seed}")
+        raise UsageError(None, f"seed must be 0 or more, got {seed}")
     if sample_rate < _MIN_SAMPLE_RATE:
-        raise ValueError(f"sample_rate must be at least {_MIN_SAMPLE_RATE} Hz, got {sample_rate}")
+        raise UsageError(None, f"sample_rate must be at least {_MIN_SAMPLE_RATE} Hz, got {sample_rate}")
     nb_samples = round(seconds * sample_rate)
     if nb_samples < 1:
-        raise ValueError(f"seconds={seconds} is shorter than one sample at {sample_rate} Hz")
+        raise UsageError(None, f"seconds={seconds} is shorter than one sample at {sample_rate} Hz")
 
     root = Path(root)
+    _claim(root, {"tracks": tracks, "test_tracks": test_tracks, "seconds": seconds, "seed": seed, "sample_rate": sample_rate})
     splits = ["train"] * tracks + ["test"] * test_tracks
     folders = []
     for index, split in enumerate(splits):
         folder = root / split / f"toy_{index:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise fileio.output_error(folder, exc) from exc
         stems = synthesize_track(seed, index, nb_samples, sample_rate)
         # Stems before the mixture: a folder whose mixture.wav exists is complete.
         for name in STEMS:
@@ -157,6 +171,23 @@ def make_toy_dataset(
         _write_wav(folder / f"{MIXTURE}.wav", _mix(stems), sample_rate)
         folders.append(folder)
     return folders
+
+
+def _claim(root: Path, arguments: dict) -> None:
+    """Make ``root`` a toy dataset folder (see :func:`umxtools.fileio.claim_folder`) for ``arguments``.
+
+    A toy folder made with other arguments is refused too: rewriting it would leave the old
+    tracks beside the new ones, and with another track count ``train/toy_004`` of the old run
+    would be the same audio as ``test/toy_004`` of the new one (tracks depend on seed and index).
+    """
+    fileio.claim_folder(root, "toy", {"arguments": arguments})
+    try:
+        made = json.loads((root / fileio.MARKER).read_text()).get("arguments")
+    except (OSError, ValueError, AttributeError):
+        made = None
+    if made != arguments:
+        was = ", ".join(f"{k}={v}" for k, v in made.items()) if isinstance(made, dict) else "unknown arguments"
+        raise OutputError(root, f"holds a toy dataset made with {was}; choose another folder (its tracks would mix with these)")
 
 
 def synthesize_track(
@@ -458,15 +489,10 @@ def _write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
     """Write ``audio`` (nb_channels, nb_samples) float32 to ``path`` as float WAV, atomically."""
     assert audio.ndim == 2 and audio.shape[0] == NB_CHANNELS, audio.shape
     assert audio.dtype == np.float32, audio.dtype
-    tmp = path.with_name(f".{path.stem}.tmp.wav")
-    try:
+    with fileio.atomic(path) as tmp:
         # soundfile wants (nb_samples, nb_channels)
         sf.write(tmp, audio.T, sample_rate, subtype="FLOAT", format="WAV")
         _clear_peak_timestamp(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _clear_peak_timestamp(path: Path) -> None:
