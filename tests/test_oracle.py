@@ -11,6 +11,7 @@ import soundfile as sf
 
 from tests.conftest import error_line
 from umxtools.evaluation import evaluate_estimates, read_scores
+from umxtools.fileio import MARKER
 from umxtools.oracle import MANIFEST, METHODS, oracle_estimates, write_oracle
 from umxtools.references import FolderReferences
 from umxtools.toy import make_toy_dataset
@@ -143,7 +144,8 @@ def test_irm_scores_far_above_the_mixture(toy, tmp_path, run_cli):
     assert rows[0] == "method,target,tracks,SDR,SIR,ISR,SAR,uSDR,aggregation"
     assert [r.split(",")[:3] for r in rows[1:]] == [["IRM2", "vocals", "2"], ["IRM2", "accompaniment", "2"],
                                                     ["MIX", "vocals", "2"], ["MIX", "accompaniment", "2"]]
-    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["report.csv", "report.md", "sdr_accompaniment.png", "sdr_vocals.png"]
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [MARKER, "report.csv", "report.md", "sdr_accompaniment.png",
+                                                                     "sdr_vocals.png"]
 
 
 def test_every_method_is_registered():
