@@ -106,3 +106,24 @@ def error_line(result: Result) -> str:
     assert lines[0].startswith("umxtools: error: "), lines[0]
     assert "Traceback" not in result.err
     return lines[0]
+
+
+def run_with_umask(umask: int, *args) -> Result:
+    """``python -m umxtools ARGS`` in a subprocess started with ``umask``, importing this checkout.
+
+    A subprocess because umxtools reads the umask once, at import (fileio's file mode).
+    """
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "umxtools", *map(str, args)], capture_output=True, text=True, env=env,
+                       preexec_fn=lambda: os.umask(umask), timeout=300, check=False)
+    return Result(r.returncode, r.stdout, r.stderr)
+
+
+def modes(folder: Path) -> dict[str, int]:
+    """``{relative path: permission bits}`` of every file under ``folder``."""
+    import stat
+
+    return {p.relative_to(folder).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in sorted(folder.rglob("*")) if p.is_file()}

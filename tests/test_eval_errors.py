@@ -13,7 +13,9 @@ import simplejson
 import soundfile as sf
 
 from tests.conftest import error_line
+from umxtools import fileio
 from umxtools.evaluation import to_json
+from umxtools.fileio import MARKER
 from umxtools.report import load_method, per_track
 from umxtools.toy import make_toy_dataset
 
@@ -79,7 +81,7 @@ def test_per_track_errors_keep_the_other_tracks(toy, tmp_path, run_cli):
         "refuses silent sources): leave the target out with --targets",
         f"{e}/not_a_track: no track 'not_a_track' in the references ({refs})",
     ])
-    assert sorted(p.name for p in scores.iterdir()) == ["good.json"]
+    assert sorted(p.name for p in scores.iterdir()) == [MARKER, "good.json"]
 
 
 def test_silent_reference_frames_are_nan_and_aggregate_like_museval(toy, tmp_path):
@@ -149,6 +151,7 @@ def test_references_flags(toy, tmp_path, run_cli):
 def test_resume_refuses_files_scored_otherwise(toy, tmp_path, run_cli):
     """Score files of other settings, or not umxtools', are never mixed into a run: one line, exit 1."""
     _estimates(toy / "test", tmp_path / "est" / "test", "toy_001")
+    fileio.claim_folder(tmp_path / "s", "eval")  # a scores folder of an earlier eval run
     scores = tmp_path / "s" / "test"
     scores.mkdir(parents=True)
     args = ("eval", tmp_path / "est", "--musdb", toy, "--is-wav", "-o", tmp_path / "s")
@@ -166,3 +169,146 @@ def test_resume_refuses_files_scored_otherwise(toy, tmp_path, run_cli):
     line = error_line(run_cli(*args))
     assert line == (f"umxtools: error: {scores / 'toy_001.json'}: not written by umxtools eval (no 'umxtools' block), its "
                     "settings are unknown: score into another folder or pass --force to rescore")
+
+
+# --- safe by construction: where scores may be written --------------------------------------------
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(("where", "what"), [("is", "estimates folder"), ("inside", "estimates folder"),
+                                             ("around", "estimates folder"), ("inside", "references"),
+                                             ("is", "references")])
+def test_scores_never_land_in_the_estimates_or_the_references(toy, tmp_path, run_cli, where, what):
+    refs = _references(toy, tmp_path / "data" / "refs", ["t1"])
+    est = tmp_path / "work" / "est"
+    _estimates(refs, est, "t1")
+    inp = est if what == "estimates folder" else refs
+    out = {"is": inp, "inside": inp / "t1" / "scores", "around": inp.parent}[where]
+    before = _files(tmp_path)
+    line = error_line(run_cli("eval", est, "--references", refs, "-o", out, "--force"))
+    relation = {"is": "is", "inside": "lies inside", "around": "contains"}[where]
+    assert line == f"umxtools: error: {out}: {relation} the {what} {inp}; write the output somewhere else (-o)"
+    assert _files(tmp_path) == before
+
+
+def test_eval_writes_only_into_its_own_scores_folder(toy, tmp_path, run_cli):
+    """A folder eval did not make (museval's own scores, a dataset, a report) is refused with
+    --force too; a rerun into its own folder (with make's .complete in it) resumes."""
+    refs = _references(toy, tmp_path / "refs", ["t1"])
+    est = tmp_path / "est"
+    _estimates(refs, est, "t1")
+    museval_scores = tmp_path / "museval-scores"
+    museval_scores.mkdir()
+    (museval_scores / "t1.json").write_text('{"targets": []}')
+    for flags in ((), ("--force",)):
+        line = error_line(run_cli("eval", est, "--references", refs, "-o", museval_scores, *flags))
+        assert line == (f"umxtools: error: {museval_scores}: holds files that 'umxtools eval' did not make (t1.json, ...); "
+                        "choose an empty or new folder (-o)")
+    assert _files(museval_scores) == {"t1.json": b'{"targets": []}'}
+
+    scores = tmp_path / "scores"
+    assert run_cli("eval", est, "--references", refs, "-o", scores, "-q").code == 0
+    (scores / ".complete").touch()
+    rerun = run_cli("eval", est, "--references", refs, "-o", scores)
+    assert rerun.code == 0, rerun.err
+    assert "scored 0 track(s) (0.0 s of audio), 1 already scored" in rerun.err
+
+
+def test_track_and_target_names_become_paths_only_when_plain(toy, tmp_path, run_cli):
+    """A track folder whose name holds a control character cannot name a score file; the other
+    tracks are scored. --targets names never become file names unchecked."""
+    refs = _references(toy, tmp_path / "refs", ["t1", "bad\nname"])
+    est = tmp_path / "est"
+    for name in ("t1", "bad\nname"):
+        _estimates(refs, est, name)
+    scores = tmp_path / "scores"
+    result = run_cli("eval", est, "--references", refs, "-o", scores, "-q")
+    assert result.code == 1
+    assert result.err.splitlines() == [(f"umxtools: error: {est}: track 'bad\\nname' contains a control character; "
+                                        "it must be a plain file name")]
+    assert sorted(p.name for p in scores.iterdir()) == [MARKER, "t1.json"]
+    line = error_line(run_cli("eval", est, "--references", refs, "-o", tmp_path / "s2", "--targets", "vocals,../../accompaniment"))
+    assert line == "umxtools: error: target '../../accompaniment' contains a path separator; it must be a plain file name"
+    assert not (tmp_path / "s2").exists()
+
+
+def test_output_problems_are_one_line_before_any_track_is_scored(toy, tmp_path, run_cli, monkeypatch):
+    from umxtools import evaluation
+
+    refs = _references(toy, tmp_path / "refs", ["t1", "t2"])
+    est = tmp_path / "est"
+    for name in ("t1", "t2"):
+        _estimates(refs, est, name)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    scored = []
+    real_score = evaluation.score_track
+    monkeypatch.setattr(evaluation, "score_track", lambda *a, **k: scored.append(a[1]) or real_score(*a, **k))
+    line = error_line(run_cli("eval", est, "--references", refs, "-o", blocker / "scores"))
+    assert line == f"umxtools: error: {blocker / 'scores'}: a part of the path is a file, not a folder"
+    assert scored == []
+
+    # the disk fills up after the first score file: one line, the first file kept, no partial one
+    real_write = Path.write_bytes
+
+    def full(self, data):
+        if data and self.name.startswith(".t2.json"):
+            raise OSError(28, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    scores = tmp_path / "scores"
+    line = error_line(run_cli("eval", est, "--references", refs, "-o", scores))
+    assert line == f"umxtools: error: {scores / 't2.json'}: no space left on device"
+    assert sorted(p.name for p in scores.iterdir()) == [MARKER, "t1.json"]
+
+
+def test_two_runs_on_one_track_never_mix_settings(toy, tmp_path, monkeypatch):
+    """Two eval runs into one folder, overlapping on a track: while this one scores t1, another
+    run with other targets writes t1.json, then holds t2.json's lock. Neither file is overwritten;
+    each is a one-line problem of its track. (Shards share a folder but never a track.)"""
+    from umxtools import evaluation
+    from umxtools.errors import LockedError, ScoreError
+    from umxtools.references import FolderReferences
+
+    refs = _references(toy, tmp_path / "refs", ["t1", "t2"])
+    est = tmp_path / "est"
+    for name in ("t1", "t2"):
+        _estimates(refs, est, name)
+    scores = tmp_path / "scores"
+    theirs = to_json({"targets": [], "umxtools": {"backend": "fast", "mode": "v4", "win": 1.0, "hop": 1.0,
+                                                  "targets": ["vocals", "drums"]}})
+    real_jobs = evaluation._run_jobs
+
+    def racing(todo, jobs):
+        for track, result, seconds in real_jobs(todo, jobs):
+            if track == "t1":
+                fileio.write_text(scores / "t1.json", theirs)
+                yield track, result, seconds
+            else:
+                with fileio.exclusive(scores / "t2.json"):
+                    yield track, result, seconds
+
+    monkeypatch.setattr(evaluation, "_run_jobs", racing)
+    summary = evaluation.evaluate_estimates(est, FolderReferences(str(refs)), scores)
+    assert summary.scored == []
+    t1, t2 = summary.failed
+    assert isinstance(t1, ScoreError) and str(t1) == (
+        f"{scores / 't1.json'}: another run wrote it while this one scored the track (scored with targets vocals,drums, "
+        "this run asks for vocals,accompaniment); it is left as it is: score into another folder")
+    assert isinstance(t2, LockedError) and str(t2).startswith(f"{scores / 't2.json'}: another umxtools process is writing it (pid ")
+    assert (scores / "t1.json").read_text() == theirs and not (scores / "t2.json").exists()
+
+
+def test_score_files_have_the_umask_mode(toy, tmp_path):
+    """Colleagues on a shared cluster read the scores: umask 027 gives 0640, not mkstemp's 0600."""
+    from tests.conftest import modes, run_with_umask
+
+    refs = _references(toy, tmp_path / "refs", ["t1"])
+    _estimates(refs, tmp_path / "est", "t1")
+    result = run_with_umask(0o027, "eval", tmp_path / "est", "--references", refs, "-o", tmp_path / "scores", "-q")
+    assert result.code == 0, result.err
+    assert modes(tmp_path / "scores") == {MARKER: 0o640, "t1.json": 0o640}

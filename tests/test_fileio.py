@@ -114,6 +114,26 @@ def test_a_folder_is_claimed_only_when_empty_or_made_by_the_same_command(tmp_pat
         fileio.claim_folder(dataset, "toy")
 
 
+def test_a_folder_claimed_by_a_sibling_shard_between_two_looks_is_accepted(tmp_path, monkeypatch):
+    """Shards of one array start together: one finds no marker, then finds the folder full of the
+    other shard's marker and files. That is the same command's folder, not a foreign one."""
+    folder = tmp_path / "scores"
+    fileio.claim_folder(folder, "eval")  # the other shard, first
+    (folder / "test").mkdir()
+    real, looks = fileio.made_by, []
+
+    def made_by(f):
+        looks.append(f)
+        return None if len(looks) == 1 else real(f)  # the first look came before the other shard's marker
+
+    monkeypatch.setattr(fileio, "made_by", made_by)
+    fileio.claim_folder(folder, "eval")
+    assert len(looks) == 2
+    looks.clear()
+    with pytest.raises(OutputError, match="holds the output of 'umxtools eval', not of 'umxtools report'"):
+        fileio.claim_folder(folder, "report")
+
+
 def test_force_removes_only_what_a_command_made(tmp_path):
     theirs = tmp_path / "theirs"
     theirs.mkdir()

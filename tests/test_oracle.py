@@ -11,6 +11,7 @@ import soundfile as sf
 
 from tests.conftest import error_line
 from umxtools.evaluation import evaluate_estimates, read_scores
+from umxtools.fileio import MARKER
 from umxtools.oracle import MANIFEST, METHODS, oracle_estimates, write_oracle
 from umxtools.references import FolderReferences
 from umxtools.toy import make_toy_dataset
@@ -143,8 +144,123 @@ def test_irm_scores_far_above_the_mixture(toy, tmp_path, run_cli):
     assert rows[0] == "method,target,tracks,SDR,SIR,ISR,SAR,uSDR,aggregation"
     assert [r.split(",")[:3] for r in rows[1:]] == [["IRM2", "vocals", "2"], ["IRM2", "accompaniment", "2"],
                                                     ["MIX", "vocals", "2"], ["MIX", "accompaniment", "2"]]
-    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["report.csv", "report.md", "sdr_accompaniment.png", "sdr_vocals.png"]
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [MARKER, "report.csv", "report.md", "sdr_accompaniment.png",
+                                                                     "sdr_vocals.png"]
 
 
 def test_every_method_is_registered():
     assert list(METHODS) == ["mix", "irm1", "irm2", "ibm", "mwf"]
+
+
+# --- safe by construction: what oracle refuses, and what it writes -------------------------------
+
+
+def _refs(toy: Path, folder: Path, names=("toy_001",)) -> Path:
+    """A references folder of copies of toy_001 (2 s), read by soundfile: no ffmpeg."""
+    import shutil
+
+    for name in names:
+        shutil.copytree(toy / "test" / "toy_001", folder / name)
+    return folder
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _oracle(run_cli, refs: Path, out: Path, *flags):
+    return run_cli("oracle", refs, "--folder", "--method", "mix", "--targets", "vocals,accompaniment", "-o", out, "-q", *flags)
+
+
+def test_oracle_never_writes_over_a_models_estimates(toy, tmp_path, run_cli):
+    """`oracle -o DIR` once overwrote a model's estimates in DIR. A folder of estimates that
+    separate wrote (separation.json per track, with or without its marker) is refused, --force too."""
+    refs = _refs(toy, tmp_path / "refs")
+    model = tmp_path / "umx"
+    (model / "toy_001").mkdir(parents=True)
+    (model / "toy_001" / "vocals.wav").write_bytes(b"the model's vocals")
+    (model / "toy_001" / "separation.json").write_text("{}")
+    before = _files(model)
+    for flags in ((), ("--force",)):
+        line = error_line(_oracle(run_cli, refs, model, *flags))
+        assert line == (f"umxtools: error: {model}: holds files that 'umxtools oracle' did not make (toy_001, ...); "
+                        "choose an empty or new folder (-o)")
+    (model / MARKER).write_text('{"command": "separate"}')
+    before = _files(model)
+    line = error_line(_oracle(run_cli, refs, model, "--force"))
+    assert line == f"umxtools: error: {model}: holds the output of 'umxtools separate', not of 'umxtools oracle'; choose another folder (-o)"
+    assert _files(model) == before
+
+
+@pytest.mark.parametrize("where", ["is", "inside", "around"])
+def test_oracle_never_writes_into_its_dataset(toy, tmp_path, run_cli, where):
+    refs = _refs(toy, tmp_path / "data" / "refs")
+    out = {"is": refs, "inside": refs / "toy_001" / "oracle", "around": tmp_path / "data"}[where]
+    before = _files(tmp_path)
+    line = error_line(_oracle(run_cli, refs, out, "--force"))
+    relation = {"is": "is", "inside": "lies inside", "around": "contains"}[where]
+    assert line == f"umxtools: error: {out}: {relation} the dataset {refs}; write the output somewhere else (-o)"
+    assert _files(tmp_path) == before
+
+
+def test_oracle_reruns_into_its_own_folder_and_force_replaces_it(toy, tmp_path, run_cli):
+    """make's rerun: the same method into its own folder (holding make's .complete) works; another
+    method needs --force, which leaves no estimate of the old method beside the new ones."""
+    refs = _refs(toy, tmp_path / "refs")
+    out = tmp_path / "est"
+    assert run_cli("oracle", refs, "--folder", "--method", "irm2", "-o", out, "-q").code == 0
+    (out / ".complete").touch()
+    rerun = run_cli("oracle", refs, "--folder", "--method", "irm2", "-o", out, "-q")
+    assert rerun.code == 0, rerun.err
+    assert sorted(p.name for p in (out / "toy_001").iterdir()) == ["accompaniment.wav", "bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+    line = error_line(_oracle(run_cli, refs, out))
+    assert line == f"umxtools: error: {out}: holds irm2 estimates of {refs.resolve()}; write into another folder or pass --force"
+    assert _oracle(run_cli, refs, out, "--force").code == 0
+    assert sorted(p.name for p in (out / "toy_001").iterdir()) == ["accompaniment.wav", "vocals.wav"]
+    assert json.loads((out / MANIFEST).read_text())["method"] == "mix"
+
+
+def test_oracle_names_become_paths_only_when_plain(toy, tmp_path, run_cli):
+    refs = _refs(toy, tmp_path / "refs", names=("toy_001", "bad\tname"))
+    out = tmp_path / "est"
+    line = error_line(_oracle(run_cli, refs, out))
+    assert line == f"umxtools: error: {refs}: track 'bad\\tname' contains a control character; it must be a plain file name"
+    line = error_line(run_cli("oracle", refs, "--folder", "--method", "mix", "--targets", "vocals,../../evil", "-o", out))
+    assert line == "umxtools: error: target '../../evil' contains a path separator; it must be a plain file name"
+    assert not out.exists() and not list(tmp_path.rglob("*evil*"))
+
+
+def test_oracle_output_problems_are_one_line_before_any_track(toy, tmp_path, run_cli, monkeypatch):
+    import soundfile
+
+    refs = _refs(toy, tmp_path / "refs")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    computed = []
+    monkeypatch.setattr("umxtools.oracle.METHODS", {**METHODS, "mix": lambda m, s: computed.append(1) or METHODS["mix"](m, s)})
+    line = error_line(_oracle(run_cli, refs, blocker / "est"))
+    assert line == f"umxtools: error: {blocker / 'est'}: a part of the path is a file, not a folder"
+    assert computed == []
+
+    # the disk fills up while an estimate is written: libsndfile's "System error" becomes one line
+    def full(path, *args, **kwargs):
+        raise soundfile.LibsndfileError(2, f"Error writing {path!r}: ")
+
+    monkeypatch.setattr(soundfile, "write", full)
+    out = tmp_path / "est"
+    line = error_line(_oracle(run_cli, refs, out))
+    assert line == (f"umxtools: error: {out / 'toy_001' / 'vocals.wav'}: cannot write the estimate (System error.); "
+                    "check the free space and quota there")
+    assert not list(out.rglob("*.wav")) and not list(out.rglob("*.tmp"))
+
+
+def test_oracle_files_have_the_umask_mode(toy, tmp_path):
+    """Colleagues on a shared cluster read the estimates: umask 027 gives 0640, not mkstemp's 0600."""
+    from tests.conftest import modes, run_with_umask
+
+    refs = _refs(toy, tmp_path / "refs")
+    result = run_with_umask(0o027, "oracle", refs, "--folder", "--method", "mix", "--targets", "vocals,accompaniment",
+                            "-o", tmp_path / "est", "-q")
+    assert result.code == 0, result.err
+    assert modes(tmp_path / "est") == {name: 0o640 for name in
+                                       (MARKER, "toy_001/accompaniment.wav", "toy_001/vocals.wav", MANIFEST)}

@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import error_line
 from umxtools.evaluation import to_json
+from umxtools.fileio import MARKER
 from umxtools.report import AGGREGATIONS, aggregate, load_method, make_report
 
 METRICS = ("SDR", "SIR", "ISR", "SAR")
@@ -105,7 +106,7 @@ def test_museval_written_scores_have_no_usdr(tmp_path):
     (folder / "t.json").write_text(to_json(_doc(rng, ["vocals", "accompaniment"], 4, usdr=False)))
     report = make_report([str(tmp_path / "museval")], tmp_path / "out", plots=False)
     assert all(math.isnan(r.values["uSDR"]) and not math.isnan(r.values["SDR"]) for r in report.rows)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.csv", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "report.csv", "report.md"]
 
 
 def test_bad_scores(methods, tmp_path, run_cli):
@@ -137,3 +138,107 @@ def test_methods_scored_on_other_target_sets_are_flagged(tmp_path):
     notes = aggregate(folders).notes
     assert notes == ["the score files differ in backend, window or targets scored jointly: museval v4 win 1.0 hop 1.0 "
                      "targets vocals,accompaniment; museval v4 win 1.0 hop 1.0 targets vocals,drums,bass,other"]
+
+
+# --- safe by construction: what report refuses, and what it writes ------------------------------
+
+
+def _scores_folder(folder: Path, targets=("vocals", "accompaniment"), seed=3) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "t.json").write_text(to_json(_doc(np.random.default_rng(seed), list(targets), 3)))
+    return folder
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_target_name_from_a_score_file_cannot_write_outside_the_report(tmp_path, run_cli):
+    """A crafted (or garbled) score file names its target '../../evil': sdr_../../evil.png would
+    land two folders above the report. Refused with one line naming the file; nothing is written."""
+    scores = _scores_folder(tmp_path / "work" / "scores", targets=("vocals", "../../evil"))
+    before = _files(tmp_path)
+    out = tmp_path / "work" / "a" / "b" / "report"
+    line = error_line(run_cli("report", scores, "-o", out))
+    assert line == (f"umxtools: error: {scores / 't.json'}: target '../../evil' contains a path separator; "
+                    "it must be a plain file name")
+    assert _files(tmp_path) == before and not out.exists()
+
+
+@pytest.mark.parametrize("where", ["is", "inside", "around"])
+def test_the_report_never_lands_in_a_scores_folder_it_reads(tmp_path, run_cli, where):
+    scores = _scores_folder(tmp_path / "scores" / "umx")
+    out = {"is": scores, "inside": scores / "report", "around": tmp_path / "scores"}[where]
+    before = _files(tmp_path)
+    line = error_line(run_cli("report", f"UMX={scores}", "-o", out))
+    relation = {"is": "is", "inside": "lies inside", "around": "contains"}[where]
+    assert line == f"umxtools: error: {out}: {relation} the scores folder {scores}; write the output somewhere else (-o)"
+    assert _files(tmp_path) == before
+
+
+def test_the_report_replaces_only_its_own_folder(tmp_path, run_cli):
+    """-o pointing at a folder of something else (here a model's estimates) is refused; a rerun into
+    its own folder replaces it, and plots of the earlier report do not outlive it."""
+    scores = _scores_folder(tmp_path / "scores")
+    theirs = tmp_path / "estimates"
+    (theirs / "t").mkdir(parents=True)
+    (theirs / "t" / "vocals.wav").write_bytes(b"RIFF....")
+    line = error_line(run_cli("report", scores, "-o", theirs))
+    assert line == (f"umxtools: error: {theirs}: holds files that 'umxtools report' did not make (t, ...); "
+                    "choose an empty or new folder (-o)")
+    assert _files(theirs) == {"t/vocals.wav": b"RIFF...."}
+
+    out = tmp_path / "report"
+    assert run_cli("report", scores, "-o", out, "-q").code == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["sdr_accompaniment.png", "sdr_vocals.png"]
+    rerun = run_cli("report", scores, "-o", out, "-q", "--no-plots")
+    assert rerun.code == 0, rerun.err
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "report.csv", "report.md"]
+
+
+def test_an_unwritable_report_folder_is_one_line_before_anything_is_written(tmp_path, run_cli, monkeypatch):
+    scores = _scores_folder(tmp_path / "scores")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    line = error_line(run_cli("report", scores, "-o", blocker / "report"))
+    assert line == f"umxtools: error: {blocker / 'report'}: a part of the path is a file, not a folder"
+
+    # a disk that fills up while the report is written: one line, no partial file
+    real = Path.write_bytes
+
+    def full(self, data):
+        if data and self.parent == tmp_path / "full" and self.name.startswith(".report.csv"):
+            raise OSError(28, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    line = error_line(run_cli("report", scores, "-o", tmp_path / "full", "--no-plots"))
+    assert line == f"umxtools: error: {tmp_path / 'full' / 'report.csv'}: no space left on device"
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == [MARKER]
+
+
+def test_corrupt_numbers_in_a_score_file_are_one_line(tmp_path, run_cli):
+    folder = _scores_folder(tmp_path / "scores")
+    doc = _doc(np.random.default_rng(0), ["vocals", "accompaniment"], 2)
+    doc["targets"][0]["frames"][1]["metrics"]["SDR"] = "n/a"
+    (folder / "t.json").write_text(to_json(doc))
+    line = error_line(run_cli("report", folder, "-o", tmp_path / "r"))
+    assert line == (f"umxtools: error: {folder / 't.json'}: corrupt score file (ValueError: could not convert string "
+                    "to float: 'n/a')")
+    doc["targets"][0]["frames"][1]["metrics"]["SDR"] = 1.0
+    doc["umxtools"]["whole_track_sdr"] = ["not", "a", "dict"]
+    (folder / "t.json").write_text(to_json(doc))
+    line = error_line(run_cli("report", folder, "-o", tmp_path / "r"))
+    assert line.startswith(f"umxtools: error: {folder / 't.json'}: corrupt score file (AttributeError: ")
+    assert not (tmp_path / "r").exists()
+
+
+def test_report_files_have_the_umask_mode(tmp_path):
+    """Colleagues on a shared cluster read the report: umask 027 gives 0640, not mkstemp's 0600."""
+    from tests.conftest import modes, run_with_umask
+
+    scores = _scores_folder(tmp_path / "scores")
+    result = run_with_umask(0o027, "report", scores, "-o", tmp_path / "report", "-q")
+    assert result.code == 0, result.err
+    assert modes(tmp_path / "report") == {name: 0o640 for name in
+                                          (MARKER, "report.csv", "report.md", "sdr_accompaniment.png", "sdr_vocals.png")}

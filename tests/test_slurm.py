@@ -107,8 +107,9 @@ def test_separate_and_eval_arrays_equal_single_process(slurm, toy_root, tmp_path
             tmp_path, env)
     import json
 
-    a = {k: json.loads(v)["targets"] for k, v in _tree(tmp_path / "s-single", "*.json").items()}
-    b = {k: json.loads(v)["targets"] for k, v in _tree(tmp_path / "s-array", "*.json").items()}
+    # the score files (test/<track>.json), not eval's marker (.umxtools.json) beside them
+    a = {k: json.loads(v)["targets"] for k, v in _tree(tmp_path / "s-single" / "test", "*.json").items()}
+    b = {k: json.loads(v)["targets"] for k, v in _tree(tmp_path / "s-array" / "test", "*.json").items()}
     assert len(a) == 2 and a == b
 
 

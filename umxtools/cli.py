@@ -464,7 +464,7 @@ def _registry(module: str, name: str) -> list[str]:
               show_default=True, help="Scoring backend: fast (umxtools.metrics, museval's numbers within 0.01 dB) or museval itself.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes (one track each).")
 @click.option("--shard", default=None, metavar="K/N", help="Score only tracks i with i % N == K (shards share one scores folder).")
-@click.option("--force", is_flag=True, help="Rescore tracks that already have a score file.")
+@click.option("--force", is_flag=True, help="Rescore tracks that already have a score file (in a scores folder eval made).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def eval_command(estimates: Path, musdb_root: Path | None, is_wav: bool, subset: str, references_dir: Path | None, output: Path,
                  targets: str | None, backend: str, jobs: int, shard: str | None, force: bool, quiet: bool) -> None:
@@ -495,7 +495,7 @@ def eval_command(estimates: Path, musdb_root: Path | None, is_wav: bool, subset:
 @click.option("--subset", type=click.Choice(["train", "test"]), default="test", show_default=True)
 @click.option("--folder", is_flag=True, help="ROOT is a folder of track folders ROOT/<track>/<source>.wav, not a MUSDB18 root.")
 @click.option("--targets", default=None, help="Comma-separated targets to write [default: every source and accompaniment].")
-@click.option("--force", is_flag=True, help="Write into a folder holding another method's estimates.")
+@click.option("--force", is_flag=True, help="Replace another method's estimates in a folder oracle made (never a folder of anything else).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def oracle_command(root: Path, method: str, output: Path, is_wav: bool, subset: str, folder: bool, targets: str | None,
                    force: bool, quiet: bool) -> None:
@@ -513,7 +513,7 @@ def oracle_command(root: Path, method: str, output: Path, is_wav: bool, subset: 
 @cli.command("report")
 @click.argument("scores", nargs=-1, required=True, metavar="[NAME=]SCORES...")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Report folder (report.csv, report.md, sdr_<target>.png).")
+              help="Report folder (report.csv, report.md, sdr_<target>.png): new, empty or an earlier report's.")
 @click.option("--agg", type=click.Choice(_registry("umxtools.report", "AGGREGATIONS")), default="median", show_default=True,
               help="median: over frames then tracks (SiSEC); mean: both means; mean-of-medians: median over frames, mean over tracks.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the SDR box plots.")

@@ -24,6 +24,13 @@ run skips tracks whose JSON exists, fits the run's settings and whose estimate f
 change; ``jobs`` scores tracks in worker processes; ``shard`` takes every N-th track, so cluster
 array jobs can share one scores folder.
 
+The scores folder is never one of the inputs (the estimates, the references), and is a folder
+``eval`` made itself (:func:`umxtools.fileio.claim_folder`) or a new or empty one. There is no
+folder-wide lock: shards of one array write into one folder at the same time, by design. Two
+runs that overlap on a track are kept apart per track instead: the score file is written under
+its own lock (:func:`umxtools.fileio.exclusive`), and a file another run wrote since this run
+looked at it is overwritten only when it was scored with this run's settings.
+
 Scoring backends are a registry (:data:`BACKENDS`): a backend computes one group's frame
 scores with museval's ``evaluate`` signature. ``fast``, the default, is :mod:`umxtools.metrics`
 (museval's BSSEval v4 in torch, within 0.01 dB of museval on every frame, and many times
@@ -46,7 +53,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from umxtools import __version__, fileio
-from umxtools.errors import AudioError, DatasetError, ScoreError, UmxError, UsageError
+from umxtools.audio import _first_line
+from umxtools.errors import (
+    AudioError,
+    DatasetError,
+    LockedError,
+    ScoreError,
+    UmxError,
+    UsageError,
+)
 from umxtools.references import (
     ACCOMPANIMENT,
     MUSDB_TARGETS,
@@ -218,7 +233,7 @@ def _load_audio(ref: ReferenceTrack, estimate_dir: Path, targets: list[str]):
         raise DatasetError(ref.where, f"no reference for target(s) {', '.join(absent)}; it has {', '.join(ref.target_names)}")
     refs, ests, lengths, files = {}, {}, {}, []
     for target in targets:
-        path = estimate_dir / f"{target}{ESTIMATE_SUFFIX}"
+        path = fileio.safe_child(estimate_dir, f"{target}{ESTIMATE_SUFFIX}", "target")
         if not path.exists():
             wanted = ", ".join(f"{t}{ESTIMATE_SUFFIX}" for t in targets)
             raise DatasetError(path, f"missing estimate for target {target!r} (every scored track needs {wanted})")
@@ -252,8 +267,8 @@ def _bsseval(track: str, groups, refs: dict, ests: dict, rate: int, backend: str
             # log10(0) for an all-zero error is +inf (stored as NaN, as museval stores it): no warning
             with np.errstate(divide="ignore", invalid="ignore"):
                 sdr, isr, sir, sar = BACKENDS[backend]([refs[t] for t in group], [ests[t] for t in group], win, hop)
-        except (ValueError, np.linalg.LinAlgError) as exc:
-            raise ScoreError(where, f"{backend} cannot score {', '.join(group)}: {exc}") from exc
+        except (ValueError, RuntimeError, np.linalg.LinAlgError) as exc:  # torch's linalg errors are RuntimeErrors
+            raise ScoreError(where, f"{backend} cannot score {', '.join(group)}: {_first_line(exc)}") from exc
         for i, target in enumerate(group):
             if target in reported:
                 values = {"SDR": sdr[i].tolist(), "SIR": sir[i].tolist(), "ISR": isr[i].tolist(), "SAR": sar[i].tolist()}
@@ -341,7 +356,10 @@ def estimate_tracks(estimates: str | Path, references: References) -> tuple[Path
         if Path(estimates).is_dir() and any((Path(estimates) / n).is_dir() for n in references.track_names()):
             hint = f"; the tracks are directly in {estimates}: move them into {base}"
         raise DatasetError(base, f"no such estimates folder (expected ESTIMATES/{layout}, museval's layout){hint}")
-    names = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        names = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as exc:
+        raise DatasetError(base, f"cannot list the estimates folder ({fileio.os_problem(exc)})") from exc
     if not names:
         raise DatasetError(base, "no track folders of estimates")
     return base, names
@@ -360,7 +378,32 @@ def discover_targets(base: Path, tracks: list[str], references: References) -> l
 
 
 def score_path(output: str | Path, references: References, track: str) -> Path:
-    return Path(output) / references.prefix / f"{track}.json"
+    """``output/<prefix>/<track>.json``; :class:`UnsafeNameError` for a track name that is no plain file name."""
+    return Path(output) / references.prefix / f"{fileio.check_name(track, 'track')}.json"
+
+
+def _file_state(path: Path) -> tuple[int, int, int] | None:
+    """What tells one version of a file from another: inode, size, mtime (None: no file)."""
+    try:
+        st = path.stat()
+    except OSError:  # missing (or unreadable: writing it then reports why)
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _settings_problem(doc: dict, settings: dict) -> str | None:
+    """Why a score document cannot share a folder with this run's scores, or None."""
+    block = doc.get("umxtools")
+    if not isinstance(block, dict):
+        return "not written by umxtools eval (no 'umxtools' block), its settings are unknown"
+    for key in _RUN_KEYS:
+        if block.get(key) != settings[key]:
+            old, new = block.get(key), settings[key]
+            if key == "targets":
+                old = ",".join(map(str, old)) if isinstance(old, list) else old
+                new = ",".join(new)
+            return f"scored with {key} {old}, this run asks for {new}"
+    return None
 
 
 def _resume_state(path: Path, settings: dict, estimate_dir: Path, targets: list[str]) -> str:
@@ -375,18 +418,13 @@ def _resume_state(path: Path, settings: dict, estimate_dir: Path, targets: list[
     except ScoreError as exc:
         warnings.warn(f"{exc}; scoring the track again", stacklevel=3)
         return "todo"
-    block = doc.get("umxtools")
-    if not isinstance(block, dict):
-        raise ScoreError(path, "not written by umxtools eval (no 'umxtools' block), its settings are unknown: "
-                         "score into another folder or pass --force to rescore")
-    for key in _RUN_KEYS:
-        if block.get(key) != settings[key]:
-            old, new = block.get(key), settings[key]
-            if key == "targets":
-                old, new = ",".join(old or []), ",".join(new)
-            raise ScoreError(path, f"scored with {key} {old}, this run asks for {new}: score into another folder or "
-                             "pass --force to rescore")
-    recorded = {e.get("target"): (e.get("size"), e.get("mtime_ns")) for e in block.get("estimates", [])}
+    problem = _settings_problem(doc, settings)
+    if problem:
+        raise ScoreError(path, f"{problem}: score into another folder or pass --force to rescore")
+    estimates = doc["umxtools"].get("estimates")
+    # a malformed record reads as changed estimates: the track is scored again
+    recorded = {e.get("target"): (e.get("size"), e.get("mtime_ns"))
+                for e in (estimates if isinstance(estimates, list) else []) if isinstance(e, dict)}
     for target in targets:
         try:
             st = (estimate_dir / f"{target}{ESTIMATE_SUFFIX}").stat()
@@ -423,16 +461,22 @@ def evaluate_estimates(
 
     Returns:
         An :class:`EvalSummary`. Per-track problems (a missing or unreadable estimate, another
-        sample rate, NaN, a silent source, a track the references lack) are collected in
-        ``failed`` while the other tracks are scored; problems with the whole run (no estimates,
-        unreadable references, a single target, score files made with other settings) raise.
+        sample rate, NaN, a silent source, a track the references lack, a track name that is no
+        plain file name, a score file another run is writing or wrote with other settings
+        meanwhile) are collected in ``failed`` while the other tracks are scored; problems with
+        the whole run (no estimates, unreadable references, a single target, score files made
+        with other settings, an output that is an input or not eval's, a full disk) raise.
     """
     from umxtools.cache import Shard  # noqa: PLC0415  (h5py: not needed by the scoring workers)
 
     if backend not in BACKENDS:
         raise UsageError(None, f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    for name in targets or ():
+        fileio.check_name(name, "target")
     shard = shard or Shard()
     output = Path(output)
+    fileio.check_disjoint(output, [estimates], "estimates folder")
+    fileio.check_disjoint(output, [references.root], "references")
     base, tracks = estimate_tracks(estimates, references)
     reference_names = set(references.track_names())
     if targets:
@@ -446,18 +490,29 @@ def evaluate_estimates(
     if not bsseval_groups(targets):
         raise UsageError(None, _single_target_problem(targets))
     settings = _run_settings(backend, targets)
+    # before any track is scored: the folder is eval's (or new) and can be written
+    fileio.claim_folder(output, "eval")
+    fileio.check_writable(output / references.prefix)
 
     summary = EvalSummary(output=output, targets=targets)
     summary.references_without_estimates = len(reference_names - set(tracks))
     todo: list[_Job] = []
+    seen: dict[str, tuple | None] = {}  # the score file each track had when this run looked
     for i, name in enumerate(tracks):
         if not shard.selects(i):
             continue
         estimate_dir = base / name
+        try:
+            fileio.check_name(name, "track", base)
+        except UsageError as exc:
+            summary.failed.append(exc)
+            continue
+        path = score_path(output, references, name)
         if name not in reference_names:
             summary.failed.append(DatasetError(estimate_dir, f"no track {name!r} in the references ({_describe(references)})"))
             continue
-        state = "todo" if force else _resume_state(score_path(output, references, name), settings, estimate_dir, targets)
+        seen[name] = _file_state(path)
+        state = "todo" if force else _resume_state(path, settings, estimate_dir, targets)
         if state == "done":
             summary.skipped.append(name)
         else:
@@ -469,13 +524,35 @@ def evaluate_estimates(
         if isinstance(result, UmxError):
             summary.failed.append(result)
         else:
-            fileio.write_text(score_path(output, references, track), result)
-            summary.scored.append(track)
-            summary.seconds_scored += seconds
+            try:
+                _write_scores(score_path(output, references, track), result, seen[track], settings)
+            except (LockedError, ScoreError) as exc:  # this track only; a full disk stops the run
+                summary.failed.append(exc)
+            else:
+                summary.scored.append(track)
+                summary.seconds_scored += seconds
         if progress:
             progress("advance", 1)
     summary.scored.sort()  # workers finish in any order
     return summary
+
+
+def _write_scores(path: Path, text: str, seen: tuple | None, settings: dict) -> None:
+    """Write one track's score file, unless another run wrote it with other settings meanwhile.
+
+    ``seen`` is the file as this run found it before scoring (:func:`_file_state`). The check and
+    the write hold the track's lock, so two runs cannot both pass the check and then both write.
+    """
+    with fileio.exclusive(path):
+        if _file_state(path) != seen:
+            try:
+                problem = _settings_problem(read_scores(path), settings)
+            except ScoreError:
+                problem = None  # unreadable: nothing worth keeping
+            if problem:
+                raise ScoreError(path, f"another run wrote it while this one scored the track ({problem}); "
+                                 "it is left as it is: score into another folder")
+        fileio.write_text(path, text)
 
 
 def _describe(references: References) -> str:

@@ -308,9 +308,13 @@ def claim_folder(folder: str | Path, command: str, extra: dict | None = None) ->
         # our own leftovers (locks, temporaries) do not make a folder someone else's
         foreign = [n for n in entries if not (n.startswith(".") and (n.endswith(".lock") or n.endswith(".tmp")))]
         if foreign:
-            raise OutputError(folder, f"holds files that 'umxtools {command}' did not make ({sorted(foreign)[0]}, ...); "
-                                      "choose an empty or new folder (-o)")
-    elif owner != command:
+            # another process of a command (a shard of the same array) may have claimed the folder
+            # between the two looks: its marker, then its files, are what we found
+            owner = made_by(folder)
+            if owner is None:
+                raise OutputError(folder, f"holds files that 'umxtools {command}' did not make ({sorted(foreign)[0]}, ...); "
+                                          "choose an empty or new folder (-o)")
+    if owner is not None and owner != command:
         raise OutputError(folder, f"holds the output of 'umxtools {owner}', not of 'umxtools {command}'; choose another folder (-o)")
     check_writable(folder)
     if owner is None:

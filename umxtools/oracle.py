@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from umxtools import __version__, audio, fileio
-from umxtools.errors import UsageError
+from umxtools.errors import DatasetError, OutputError, UsageError
 from umxtools.references import ACCOMPANIMENT, VOCALS, References
 
 NFFT = 2048  # the reference's nperseg; scipy's default overlap is half of it
@@ -169,43 +169,76 @@ def write_oracle(
 
     Layout: ``output/<subset>/<track>/<target>.wav`` for MUSDB18 references,
     ``output/<track>/<target>.wav`` for a folder (museval's layout), 32-bit float WAV, plus
-    ``output/umxtools-oracle.json`` describing the method and the references. A folder holding
-    another method's estimates is refused unless ``force``. Returns ``output``.
+    ``output/umxtools-oracle.json`` describing the method and the references.
+
+    ``output`` must be new, empty, or a folder ``oracle`` made (its :data:`umxtools.fileio.MARKER`);
+    it is never the dataset, inside it or around it. A rerun with the same method and references
+    writes over its own estimates; one with another method or other references is refused
+    unless ``force``, which then removes the folder ``oracle`` made before writing it again (so
+    no estimate of the old method stays beside the new ones). A folder of anything else (a
+    model's estimates, a dataset) is refused, ``force`` or not. Returns ``output``.
     """
     if method not in METHODS:
         raise UsageError(None, f"unknown oracle method {method!r}; one of {', '.join(METHODS)}")
+    for target in targets or ():
+        fileio.check_name(target, "target")
     output = Path(output)
     manifest = {"format": "umxtools-oracle", "method": method, "references": references.describe(),
                 "stft": {"library": "scipy.signal.stft", "nperseg": NFFT, "window": "hann", "hop": NFFT // 2},
                 "reference": "sigsep-mus-oracle", "umxtools_version": __version__}
-    _check_manifest(output / MANIFEST, manifest, force)
+    fileio.check_disjoint(output, [references.root], "dataset")
     names = references.track_names()
+    for name in names:
+        fileio.check_name(name, "track", references.root)
+    _claim(output, manifest, force)
     if progress:
         progress("total", len(names))
     fileio.write_text(output / MANIFEST, json.dumps(manifest, indent=2))
     for name in names:
         ref = references.load(name)
         sources = {s: ref.source(s).T for s in ref.source_names}
-        estimates = oracle_estimates(method, ref.mixture().T, sources)
+        try:
+            estimates = oracle_estimates(method, ref.mixture().T, sources)
+        except (ValueError, FloatingPointError) as exc:  # numpy's LinAlgError is a ValueError
+            raise DatasetError(ref.where, f"oracle {method} cannot be computed for this track ({exc})") from exc
         wanted = targets or list(estimates)
         unknown = [t for t in wanted if t not in estimates]
         if unknown:
             raise UsageError(None, f"no oracle estimate for target(s) {', '.join(unknown)}; {method} gives {', '.join(estimates)}")
         folder = output / references.prefix / name
         for target in wanted:
-            audio.write(folder / f"{target}.wav", estimates[target], ref.rate)
+            _write_estimate(fileio.safe_child(folder, f"{target}.wav", "target", ref.where), estimates[target], ref.rate)
         if progress:
             progress("advance", 1)
     return output
 
 
-def _check_manifest(path: Path, manifest: dict, force: bool) -> None:
-    if force or not path.exists():
-        return
+def _claim(output: Path, manifest: dict, force: bool) -> None:
+    """Make ``output`` this oracle run's folder (see :func:`write_oracle`), before any track is computed."""
+    if fileio.made_by(output) == "oracle":
+        try:
+            old = json.loads((output / MANIFEST).read_text())
+        except (OSError, ValueError):
+            old = {}
+        old = old if isinstance(old, dict) else {}
+        if old.get("method") != manifest["method"] or old.get("references") != manifest["references"]:
+            if not force:
+                refs = old.get("references")
+                root = refs.get("root") if isinstance(refs, dict) else None
+                raise OutputError(output, f"holds {old.get('method', 'unknown')} estimates of {root or 'unknown references'}; "
+                                          "write into another folder or pass --force")
+            try:
+                fileio.remove_tree(output, fileio.MARKER)
+            except OSError as exc:
+                raise fileio.output_error(output, exc) from exc
+    fileio.claim_folder(output, "oracle")
+
+
+def _write_estimate(path: Path, estimate: np.ndarray, rate: int) -> None:
+    import soundfile as sf  # noqa: PLC0415
+
     try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        old = {}
-    if old.get("method") != manifest["method"] or old.get("references") != manifest["references"]:
-        what = f"{old.get('method', 'unknown')} estimates of {old.get('references', {}).get('root', 'unknown references')}"
-        raise UsageError(path.parent, f"holds {what}; write into another folder or pass --force")
+        audio.write(path, estimate, rate)
+    except sf.SoundFileError as exc:
+        # libsndfile reports a write that failed midway (a full disk, a quota) as a "System error"
+        raise OutputError(path, f"cannot write the estimate ({audio._first_line(exc)}); check the free space and quota there") from exc

@@ -15,7 +15,9 @@ for that target and is left out of the track aggregate. uSDR (the MDX whole-trac
 value per track: only the track aggregation applies.
 
 Outputs in the report folder: ``report.csv``, ``report.md`` and ``sdr_<target>.png`` (a box per
-method of its per-track SDR).
+method of its per-track SDR). The report folder is new, empty or one ``report`` made
+(:func:`umxtools.fileio.claim_folder`), and never a scores folder it reads, inside one or around
+one; a target name read from a score file becomes a file name only if it is a plain one.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from umxtools import fileio
-from umxtools.errors import DatasetError, UsageError
+from umxtools.errors import DatasetError, ScoreError, UsageError
 from umxtools.evaluation import METRICS, USDR, canonical_order, read_scores
 
 # name -> (over frames, over tracks)
@@ -78,26 +80,37 @@ def load_method(path: str | Path, name: str | None = None) -> MethodScores:
     path = Path(path)
     if not path.is_dir():
         raise DatasetError(path, "no such scores folder (made by: umxtools eval ESTIMATES -o PATH ...)")
-    files = sorted(p for p in path.rglob("*.json") if not p.name.startswith("."))
+    try:
+        files = sorted(p for p in path.rglob("*.json") if not p.name.startswith("."))
+    except OSError as exc:
+        raise DatasetError(path, f"cannot list the scores folder ({fileio.os_problem(exc)})") from exc
     if not files:
         raise DatasetError(path, "no score files (*.json); make them with umxtools eval")
     method = MethodScores(name=name or path.name, path=path)
     for file in files:
         doc = read_scores(file)  # a corrupt file stops the report: a silently dropped track biases it
         track = file.relative_to(path).with_suffix("").as_posix()
-        per_target = {}
-        for entry in doc["targets"]:
-            per_target[entry["name"]] = {
-                m: np.array([_number(f["metrics"].get(m)) for f in entry["frames"]], dtype=np.float64) for m in METRICS
-            }
-        method.frames[track] = per_target
-        block = doc.get("umxtools")
-        if isinstance(block, dict):
-            values = block.get("whole_track_sdr", {}).get("values", {})
-            method.usdr[track] = {t: float(v) for t, v in values.items()}
-            method.settings.add((block.get("backend"), block.get("mode"), block.get("win"), block.get("hop"),
-                                 tuple(block.get("targets") or ())))
+        try:
+            _add_track(method, track, doc, file)
+        except (TypeError, ValueError, AttributeError) as exc:  # a number that is not one, a dict that is a list
+            raise ScoreError(file, f"corrupt score file ({type(exc).__name__}: {exc})") from exc
     return method
+
+
+def _add_track(method: MethodScores, track: str, doc: dict, file: Path) -> None:
+    """One score document's frames, uSDR and settings into ``method``."""
+    per_target = {}
+    for entry in doc["targets"]:
+        # the target becomes part of a file name (sdr_<target>.png): a plain name or nothing
+        name = fileio.check_name(entry["name"], "target", file)
+        per_target[name] = {m: np.array([_number(f["metrics"].get(m)) for f in entry["frames"]], dtype=np.float64) for m in METRICS}
+    method.frames[track] = per_target
+    block = doc.get("umxtools")
+    if isinstance(block, dict):
+        values = (block.get("whole_track_sdr") or {}).get("values") or {}
+        method.usdr[track] = {t: float(v) for t, v in values.items()}
+        method.settings.add((block.get("backend"), block.get("mode"), block.get("win"), block.get("hop"),
+                             tuple(block.get("targets") or ())))
 
 
 def _number(value) -> float:
@@ -253,14 +266,15 @@ def parse_method_spec(spec: str) -> tuple[str | None, Path]:
 def make_report(specs: list[str], output: str | Path, agg: str = "median", plots: bool = True) -> Report:
     """Load each scores folder (``NAME=PATH`` or ``PATH``), aggregate, write CSV, Markdown and PNGs.
 
-    Returns the :class:`Report`, its ``files`` the paths written.
+    Returns the :class:`Report`, its ``files`` the paths written. ``output`` is checked (not a
+    scores folder, not around one; new, empty or a report folder) before anything is written.
     """
     if agg not in AGGREGATIONS:
         raise UsageError(None, f"unknown aggregation {agg!r}; one of {', '.join(AGGREGATIONS)}")
-    methods = []
-    for spec in specs:
-        name, path = parse_method_spec(spec)
-        methods.append(load_method(path, name))
+    output = Path(output)
+    parsed = [parse_method_spec(spec) for spec in specs]
+    fileio.check_disjoint(output, [path for _, path in parsed], "scores folder")
+    methods = [load_method(path, name) for name, path in parsed]
     names = [m.name for m in methods]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -268,11 +282,16 @@ def make_report(specs: list[str], output: str | Path, agg: str = "median", plots
     report = aggregate(methods, agg)
     for note in report.notes:
         warnings.warn(note, stacklevel=2)
-    output = Path(output)
+    fileio.claim_folder(output, "report")
     written = []
     if plots:
         targets = canonical_order(t for m in methods for t in m.targets)
-        written += [plot_target(methods, t, agg, output / f"sdr_{t}.png") for t in targets]
+        written += [plot_target(methods, t, agg, fileio.safe_child(output, f"sdr_{t}.png", "target")) for t in targets]
+    for stale in set(output.glob("sdr_*.png")) - set(written):  # plots of an earlier report in this folder
+        try:
+            stale.unlink()
+        except OSError as exc:
+            raise fileio.output_error(stale, exc) from exc
     report.files = [fileio.write_text(output / "report.csv", to_csv(report)),
                     fileio.write_text(output / "report.md", to_markdown(report, written)), *written]
     return report
