@@ -173,7 +173,7 @@ def test_folder_references_equal_museval_evaluate_with_shorter_estimates(toy, tm
 
 def test_fast_backend_gives_the_museval_backend_scores(tmp_path):
     """The default backend through the whole eval path: both museval groups (vocals, drums, bass,
-    other; vocals, accompaniment), every frame within 0.01 dB of --backend museval and NaN in the
+    other; vocals, accompaniment), every frame within TOLERANCE_DB of --backend museval and NaN in the
     same frames. Toy stems over a noise floor (tests/test_metrics.py says why) with a silent
     second in the drums, 2.5 s (not whole frames), ideal-ratio-mask estimates."""
     from tests.test_metrics import TOLERANCE_DB, ideal_ratio_mask_estimates, toy_references

@@ -148,8 +148,20 @@ def test_irm_scores_far_above_the_mixture(toy, tmp_path, run_cli):
                                                                      "sdr_vocals.png"]
 
 
-def test_every_method_is_registered():
-    assert list(METHODS) == ["mix", "irm1", "irm2", "ibm", "mwf"]
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_registered_method_runs_and_separates_disjoint_spectra(method):
+    """Each name the registry offers (and the CLI's --method lists) runs: on two sources with
+    disjoint spectra and different stereo images, every oracle recovers each source (measured 40
+    to 50 dB), except the mixture baseline, which is half the mixture for each."""
+    t = np.arange(RATE) / RATE
+    low = np.stack([0.3 * np.sin(2 * np.pi * 220 * t), 0.2 * np.sin(2 * np.pi * 220 * t + 1)])
+    high = np.stack([0.1 * np.sin(2 * np.pi * 6000 * t + 2), 0.3 * np.sin(2 * np.pi * 6000 * t)])
+    est = oracle_estimates(method, low + high, {"bass": low, "other": high})
+    if method == "mix":
+        np.testing.assert_array_equal(est["bass"], (low + high) / 2)
+        np.testing.assert_array_equal(est["other"], (low + high) / 2)
+    else:
+        assert _snr(low, est["bass"]) > 35 and _snr(high, est["other"]) > 35, method
 
 
 # --- safe by construction: what oracle refuses, and what it writes -------------------------------

@@ -354,16 +354,24 @@ def _umxse_weights(folder: Path) -> dict[str, Path]:
     return files
 
 
-def test_published_model_from_the_hub_cache(run_cli, tmp_path, monkeypatch):
+def test_published_model_from_the_hub_cache(openunmix, run_cli, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     _umxse_weights(tmp_path / "torch" / "hub" / "checkpoints")
     speech = tmp_path / "speech.wav"
     sf.write(speech, music(0.6).T, 44100, subtype="FLOAT")
-    r = run_cli("separate", speech, "--model", "umxse", "-o", tmp_path / "o")
+    at_16k = music(0.6, rate=16000, seed=1)
+    sf.write(tmp_path / "native.wav", at_16k.T, 16000, subtype="FLOAT")
+    r = run_cli("separate", speech, tmp_path / "native.wav", "--model", "umxse", "-o", tmp_path / "o")
     assert r.code == 0, r.err
     for t in ("speech", "noise"):
         info = sf.info(tmp_path / "o" / "speech" / f"{t}.wav")
         assert (info.samplerate, info.frames, info.channels) == (44100, round(0.6 * 44100), 2)
+    # at the model's rate (no resampling), the stems are open-unmix's own umxse() separator's,
+    # which torch.hub loads from the same cache
+    with torch.no_grad():
+        expected = openunmix.umxse(device="cpu")(torch.from_numpy(at_16k)[None])[0].numpy()  # (targets, channels, samples)
+    got = stems(tmp_path / "o" / "native", ["speech", "noise"])
+    np.testing.assert_array_equal(np.stack([got["speech"], got["noise"]]), expected)  # measured: no difference
     record = json.loads((tmp_path / "o" / "speech" / "separation.json").read_text())
     assert record["model"]["source"] == "umxse" and record["model_sample_rate"] == 16000
     assert record["model"]["urls"] == pretrained.PUBLISHED["umxse"].urls

@@ -15,8 +15,11 @@ through fancy indexing and a Python loop over matrix entries. Here every 2x2 mat
 pair of contiguous real ``(frames, bins)`` tensors and the real-valued entries (the diagonals of
 ``R`` and ``Cxx``, the determinant) stay real. The arithmetic is open-unmix's, operation for
 operation and in the same order (products, sums, the adjugate inverse scaled by
-``det / det**2``, frame sums in chunks of 200), so results agree with open-unmix to float32
-rounding of reductions, not merely to a tolerance.
+``det / det**2``, frame sums in chunks of 200 over tensors of open-unmix's layout), so results
+equal open-unmix's bit for bit on CPU (tests/test_filtering.py: open-unmix's own test grid, mono
+and stereo, one to three sources, float32 and float64), not merely to a tolerance. The one
+exception is deliberate: bins where open-unmix's float32 determinant is zero and its output NaN
+are filtered again in float64 (``_refilter_float64``).
 
 Shapes (this module's layout; ``sources`` first so that each source is a contiguous block):
 
@@ -50,7 +53,9 @@ def wiener(
     Args:
         magnitudes: ``(sources, channels or 1, frames, bins)`` non-negative target estimates.
         mix: ``(channels, frames, bins)`` complex mixture STFT, ``channels`` 1 or 2.
-        iterations: EM steps; 0 returns the initial estimates.
+        iterations: EM steps; 0 returns the initial estimates. As in open-unmix, EM runs on mono
+            mixtures and on a single source without the residual too (then ``R`` is that
+            source's own covariance and the filter is close to the identity).
         softmask: initial estimates as ratio masks of the mixture instead of the magnitudes
             with the mixture's phase.
         residual: append the mixture minus the other initial estimates as one more source.
@@ -60,6 +65,9 @@ def wiener(
     """
     nb_channels, nb_frames, nb_bins = mix.shape
     assert magnitudes.dim() == 4 and magnitudes.shape[2:] == (nb_frames, nb_bins), (magnitudes.shape, mix.shape)
+    # every step works on contiguous (frames, bins) planes: torch's sums over frames take their
+    # order of additions from the memory layout, and open-unmix's layout is fixed
+    magnitudes = magnitudes.contiguous()
     x_re, x_im = mix.real.contiguous(), mix.imag.contiguous()
     if softmask:
         y_re, y_im = _softmask_estimates(magnitudes, x_re, x_im, eps)
@@ -75,10 +83,8 @@ def wiener(
         y_im = torch.cat([y_im, (x_im - _sum_sources(y_im))[None]])
     if iterations == 0:
         return torch.complex(y_re, y_im)
-    if y_re.shape[0] == 1:
-        raise ValueError("EM needs at least two sources: use residual=True or iterations=0")
-    if nb_channels != 2:
-        raise ValueError(f"EM is implemented for stereo mixtures, got {nb_channels} channel(s)")
+    if nb_channels not in (1, 2):
+        raise ValueError(f"EM is implemented for mono and stereo mixtures, got {nb_channels} channels")
     # scale down for numerical stability, by open-unmix's rule: the largest mixture magnitude
     # becomes at most scale_factor
     one = torch.ones((), dtype=x_re.dtype, device=x_re.device)
@@ -126,28 +132,36 @@ def expectation_maximization(
     eps: float = EPS,
     block: int = 32,
 ) -> torch.Tensor:
-    """Refine stereo source estimates with ``iterations`` EM steps (open-unmix's simplified EM).
+    """Refine source estimates with ``iterations`` EM steps (open-unmix's simplified EM).
 
     Args:
-        y_re, y_im: ``(sources, 2, frames, bins)`` initial estimates, real and imaginary parts.
-        x_re, x_im: ``(2, frames, bins)`` mixture, real and imaginary parts.
+        y_re, y_im: ``(sources, channels, frames, bins)`` initial estimates, real and imaginary
+            parts; ``channels`` 1 or 2.
+        x_re, x_im: ``(channels, frames, bins)`` mixture, real and imaginary parts.
         block: frames filtered at a time; only memory traffic depends on it (the filter of a
             frame uses that frame and the whole-window statistics), so it is chosen to keep the
             temporaries of one block in cache.
 
     Returns:
-        the refined estimates, ``(sources, 2, frames, bins)`` complex.
+        the refined estimates, ``(sources, channels, frames, bins)`` complex.
     """
     nb_sources, nb_channels, nb_frames, nb_bins = y_re.shape
-    assert nb_channels == 2
+    assert nb_channels in (1, 2)
     dtype, device = x_re.dtype, x_re.device
-    reg = torch.sqrt(torch.as_tensor(eps, dtype=dtype, device=device))  # open-unmix: sqrt(eps) * identity
-    eps_t = torch.as_tensor(eps, dtype=dtype, device=device)
+    # open-unmix makes sqrt(eps) and the initial weight eps as default-dtype (float32) scalars,
+    # which float64 arithmetic then promotes: the same rounded constants here
+    eps32 = torch.tensor(eps, dtype=torch.float32)
+    reg = torch.sqrt(eps32).to(dtype=dtype, device=device)  # open-unmix: sqrt(eps) * identity
+    eps_t = eps32.to(dtype=dtype, device=device)
+    filter_block = _filter_block if nb_channels == 2 else _filter_block_mono
     complex_dtype = torch.complex(x_re[:1, :1, :1], x_im[:1, :1, :1]).dtype
     for it in range(iterations):
         # power spectral densities: channel mean of |y|^2, (sources, frames, bins)
-        v = ((y_re[:, 0] * y_re[:, 0] + y_im[:, 0] * y_im[:, 0]) + (y_re[:, 1] * y_re[:, 1] + y_im[:, 1] * y_im[:, 1])) / 2
+        v = y_re[:, 0] * y_re[:, 0] + y_im[:, 0] * y_im[:, 0]
+        if nb_channels == 2:
+            v = (v + (y_re[:, 1] * y_re[:, 1] + y_im[:, 1] * y_im[:, 1])) / 2
         # spatial covariance matrices, (bins,) per entry: R00, R11 real, R01 complex, R10 = conj(R01)
+        # (mono: R00 alone)
         R = [_spatial_covariance(y_re[j], y_im[j], v[j], eps_t) for j in range(nb_sources)]
         if it == iterations - 1:
             # the last step writes straight into the complex result (no re/im -> complex copy)
@@ -157,32 +171,61 @@ def expectation_maximization(
             new_re, new_im = torch.empty_like(y_re), torch.empty_like(y_im)
         for t0 in range(0, nb_frames, block):
             t = slice(t0, min(nb_frames, t0 + block))
-            _filter_block(R, v[:, t], x_re[:, t], x_im[:, t], reg, new_re[:, :, t], new_im[:, :, t])
+            filter_block(R, v[:, t], x_re[:, t], x_im[:, t], reg, new_re[:, :, t], new_im[:, :, t])
         y_re, y_im = new_re, new_im
     return y
 
 
 def _spatial_covariance(y_re, y_im, v, eps_t):
-    """``sum_t y y^H / (eps + sum_t v)`` for one source: ``(r00, r11, r01_re, r01_im)``, each ``(bins,)``.
+    """``sum_t y y^H / (eps + sum_t v)`` for one source: ``(r00, r11, r01_re, r01_im)`` (stereo)
+    or ``(r00,)`` (mono), each ``(bins,)``.
 
-    ``y_re, y_im``: ``(2, frames, bins)``; ``v``: ``(frames, bins)``. Frame sums run in chunks of
-    ``EM_BATCH`` frames added in order, as open-unmix accumulates them.
+    ``y_re, y_im``: ``(channels, frames, bins)``; ``v``: ``(frames, bins)``. Frame sums run in
+    chunks of ``EM_BATCH`` frames added in order, as open-unmix accumulates them, and each chunk
+    is summed as open-unmix's ``(frames, bins, channels, channels, 2)`` covariance tensor, in that
+    layout: torch's sum over frames takes a different order of additions for the last columns of
+    a row than for the others, so only the same layout gives the same sums for every bin count
+    (a ``(4, frames, bins)`` stack did for 2049 or 65 bins, not for 10 or 127). The entries
+    open-unmix computes and never reads (R10, the imaginary parts of the diagonal) stay zero.
     """
-    nb_frames = v.shape[0]
+    nb_channels = y_re.shape[0]
+    nb_frames, nb_bins = v.shape
     acc = None
     weight = eps_t
     for t0 in range(0, nb_frames, EM_BATCH):
         t = slice(t0, min(nb_frames, t0 + EM_BATCH))
-        a_re, a_im, b_re, b_im = y_re[0, t], y_im[0, t], y_re[1, t], y_im[1, t]
-        part = torch.stack([
-            a_re * a_re + a_im * a_im,  # y0 conj(y0)
-            b_re * b_re + b_im * b_im,  # y1 conj(y1)
-            a_re * b_re + a_im * b_im,  # real part of y0 conj(y1)
-            a_im * b_re - a_re * b_im,  # imaginary part of y0 conj(y1)
-        ]).sum(dim=1)  # (4, bins)
+        a_re, a_im = y_re[0, t], y_im[0, t]
+        part = y_re.new_zeros((t.stop - t0, nb_bins, nb_channels, nb_channels, 2))
+        part[:, :, 0, 0, 0] = a_re * a_re + a_im * a_im  # y0 conj(y0)
+        if nb_channels == 2:
+            b_re, b_im = y_re[1, t], y_im[1, t]
+            part[:, :, 1, 1, 0] = b_re * b_re + b_im * b_im  # y1 conj(y1)
+            part[:, :, 0, 1, 0] = a_re * b_re + a_im * b_im  # real part of y0 conj(y1)
+            part[:, :, 0, 1, 1] = a_im * b_re - a_re * b_im  # imaginary part of y0 conj(y1)
+        part = part.sum(dim=0)  # (bins, channels, channels, 2)
         acc = part if acc is None else acc + part
         weight = weight + v[t].sum(dim=0)
-    return tuple(acc / weight)
+    acc = acc / weight[:, None, None, None]
+    if nb_channels == 1:
+        return (acc[:, 0, 0, 0],)
+    return acc[:, 0, 0, 0], acc[:, 1, 1, 0], acc[:, 0, 1, 0], acc[:, 0, 1, 1]
+
+
+def _filter_block_mono(R, v, x_re, x_im, reg, out_re, out_im) -> None:
+    """:func:`_filter_block` for one channel: ``y_j = v_j r_j / (sqrt(eps) + sum_k v_k r_k) x``.
+
+    open-unmix's 1x1 "matrices" carry zero imaginary parts, so its complex products reduce to
+    these real ones, in its order: the inverse ``c / |c|^2``, then ``r_j * inverse``, times
+    ``v_j``, times the mixture. ``c >= sqrt(eps)``, so no bin is singular.
+    """
+    c = reg
+    for j, (r,) in enumerate(R):
+        c = c + v[j] * r
+    inverse = c / (c * c)
+    for j, (r,) in enumerate(R):
+        gain = (r * inverse) * v[j]
+        out_re[j, 0] = gain * x_re[0]
+        out_im[j, 0] = gain * x_im[0]
 
 
 def _filter_block(R, v, x_re, x_im, reg, out_re, out_im) -> None:

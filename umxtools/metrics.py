@@ -74,8 +74,9 @@ def bss_eval_v4(
         references: ``(targets, samples, channels)`` true sources, or ``(targets, samples)`` for
             mono; a numpy array or a torch tensor of any real dtype.
         estimates: the same shape; estimate ``j`` is scored against reference ``j``.
-        window: frame length in samples (museval's ``win``). A window of at least ``samples``
-            gives one frame over the whole track.
+        window: frame length in samples (museval's ``win``). ``np.inf``, or a window of at
+            least ``samples``, gives one frame over the whole track (the hop may be ``np.inf``
+            then), as in museval.
         hop: frame hop in samples. Frames start at ``t * hop`` and are ``window`` long; samples
             after the last whole frame are not scored (museval's ``Framing``).
         device: where to compute; defaults to the device of ``references`` (numpy: the CPU).
@@ -89,7 +90,7 @@ def bss_eval_v4(
     Raises:
         ValueError: shapes that differ or are not 2- or 3-D, non-finite values, a reference or
             estimate that is silent over the whole track (museval raises too), a window or hop
-            that is not a whole number of samples >= 1.
+            that is neither a whole number of samples >= 1 nor ``np.inf`` where allowed.
     """
     refs, ests = _prepare(references, estimates, device)
     _check_not_silent(refs, ests)
@@ -106,7 +107,8 @@ def evaluate(references, estimates, win: int = WINDOW, hop: int = HOP, mode: str
         references: ``(targets, samples, channels)`` array-like; a list of ``(samples,
             channels)`` arrays is stacked, as museval's ``np.array`` does.
         estimates: ``(targets, samples_est, channels)`` array-like.
-        win, hop: frame length and hop in samples.
+        win, hop: frame length and hop in samples; ``win=np.inf`` is one frame over the whole
+            track (see :func:`bss_eval_v4`).
         mode: ``"v4"`` only (museval's default; museval's ``"v3"`` refits the filters in every
             frame and is not implemented here: use museval for it).
         padding: museval's ``pad_or_truncate``: estimates shorter than the references are
@@ -140,7 +142,7 @@ def sdr_v4(references, estimates, window: int = WINDOW, hop: int = HOP) -> torch
     """
     refs, ests = _prepare(references, estimates, None)
     nb_targets, nb_samples, nb_channels = refs.shape
-    frame_len, nb_frames = _framing(nb_samples, window, hop)
+    frame_len, nb_frames, hop = _framing(nb_samples, window, hop)
     refs = refs.to(torch.float64).unfold(1, frame_len, hop)[:, :nb_frames]  # (targets, frames, channels, frame_len)
     ests = ests.to(torch.float64).unfold(1, frame_len, hop)[:, :nb_frames]
     sdr = _db(refs.square().sum(dim=(2, 3)), (ests - refs).square().sum(dim=(2, 3)))
@@ -169,7 +171,7 @@ def _bss_eval_v4(refs: torch.Tensor, ests: torch.Tensor, window: int, hop: int) 
     nb_targets, nb_samples, nb_channels = refs.shape
     nb_sources = nb_targets * nb_channels
     taps = FILTERS_LEN
-    frame_len, nb_frames = _framing(nb_samples, window, hop)
+    frame_len, nb_frames, hop = _framing(nb_samples, window, hop)
 
     # 1. The whole-track correlations are summed over blocks. Where the frames tile the track
     # (museval's default, hop == window) the blocks are the frames, and their spectra, held from
@@ -598,14 +600,27 @@ def _bins_first(spec: torch.Tensor) -> torch.Tensor:
     return spec.reshape(nb_batch * nb_sources, nb_bins).T.contiguous().reshape(nb_bins, nb_batch, nb_sources)
 
 
-def _framing(nb_samples: int, window: int, hop: int) -> tuple[int, int]:
-    """(frame length, number of frames) of museval's ``Framing``."""
-    if int(window) != window or int(hop) != hop or window < 1 or hop < 1:
-        raise ValueError(f"window and hop must be whole numbers of samples >= 1, got {window} and {hop}")
+def _framing(nb_samples: int, window: float, hop: float) -> tuple[int, int, int]:
+    """(frame length, number of frames, hop) of museval's ``Framing``, as whole numbers.
+
+    ``window`` of ``np.inf`` or of at least ``nb_samples`` is one frame over the whole signal, as
+    in museval (its ``bss_eval_sources`` and ``bss_eval_images`` pass ``window=hop=np.inf``); the
+    hop, which may then be ``np.inf`` too, is not used. Otherwise both must be whole numbers >= 1
+    (museval takes fractional ones and rounds the frame bounds down; no umxtools caller needs that).
+    """
+    def whole(value) -> bool:
+        return math.isfinite(value) and int(value) == value and value >= 1
+
+    one_frame = window == math.inf or (whole(window) and window >= nb_samples)
+    if not (whole(window) or one_frame) or not (whole(hop) or (one_frame and hop == math.inf)):
+        raise ValueError(
+            f"window and hop must be whole numbers of samples >= 1 (np.inf for a window over the whole "
+            f"signal), got {window} and {hop}"
+        )
+    if one_frame:
+        return nb_samples, 1, nb_samples if hop == math.inf else int(hop)
     window, hop = int(window), int(hop)
-    if window < nb_samples:
-        return window, (nb_samples - window + hop) // hop
-    return nb_samples, 1
+    return window, (nb_samples - window + hop) // hop, hop
 
 
 def _silent_frames(frames: torch.Tensor) -> torch.Tensor:
