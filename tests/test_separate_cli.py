@@ -57,7 +57,8 @@ def test_separates_into_folders_with_a_record(run_cli, umx_folder, song, tmp_pat
     assert record["input"]["sha256"] == hashlib.sha256(song.read_bytes()).hexdigest()
     assert record["input"]["frames"] == audio.shape[0] and record["output"]["frames"] == audio.shape[0]
     assert record["settings"] == {"niter": 1, "softmask": False, "residual": False, "wiener_win_len": 300, "aggregate": None,
-                                  "segment": None, "overlap": 0.25, "device": "cpu"}
+                                  "segment": None, "overlap": 0.25, "device": "cpu", "shifts": 0, "batch_size": None,
+                                  "num_overlap": None, "seed": 0}
     assert record["model"]["format"] == "openunmix" and set(record["model"]["files"]) == {f"{t}.pth" for t in TARGETS}
     assert record["command"][:2] == ["umxtools", "separate"]
 

@@ -537,7 +537,10 @@ def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool,
 @click.option("-o", "--output", "out", default="separated", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Writes OUT/<input name>/<target>.wav and separation.json.")
 @click.option("--model", default="umxl", show_default=True,
-              help=f"Model folder, or a published open-unmix model: {', '.join(_registry('umxtools.pretrained', 'PUBLISHED'))}.")
+              help=f"Model folder, or a published open-unmix model: {', '.join(_registry('umxtools.pretrained', 'PUBLISHED'))}; "
+                   f"or a demucs .th file or name ({', '.join(_registry('umxtools.models', 'DEMUCS_NAMES'))}); "
+                   "or an MSST .ckpt with --model-config.")
+@click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path), default=None, help="The MSST YAML config of a .ckpt --model.")
 @click.option("--targets", default=None, help="Comma-separated subset of the model's targets [default: all].")
 @click.option("--niter", type=click.IntRange(min=0), default=1, show_default=True, help="Wiener EM iterations (0: none).")
 @click.option("--softmask", is_flag=True, help="Start EM from ratio masks instead of magnitudes with the mixture phase.")
@@ -550,7 +553,11 @@ def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool,
 @click.option("--segment", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
               help="Run waveform and custom models on segments of this length (not UMX models).")
 @click.option("--overlap", type=click.FloatRange(0, 0.5), default=0.25, show_default=True,
-              help="Overlap of consecutive segments, as a fraction of a segment, cross-faded linearly.")
+              help="Overlap of consecutive segments, as a fraction of a segment, cross-faded linearly (demucs's weights for HTDemucs).")
+@click.option("--shifts", type=click.IntRange(min=0), default=0, show_default=True, help="HTDemucs: random time shifts averaged (demucs's shift trick).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --shifts offsets.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Segments run together (HTDemucs, MSST) [default: 1, or the MSST config's].")
+@click.option("--num-overlap", type=click.IntRange(min=1), default=None, help="MSST: windows per chunk [default: the config's, else 4].")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Files separated in parallel processes.")
 @click.option("--start", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Start of the excerpt (s).")
@@ -569,9 +576,9 @@ def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool,
               help="Run the Python code a model folder's model.json names (its own .py file or a module outside umxtools); "
                    "only for model folders you trust. Env: UMXTOOLS_TRUST_CODE=1.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path, model: str, targets: str | None, niter: int,
+def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path, model: str, model_config: Path | None, targets: str | None, niter: int,
                      softmask: bool, residual: bool, wiener_win_len: int, aggregate: tuple[str, ...], segment: float | None,
-                     overlap: float, device: str, jobs: int, start: float, duration: float | None, keep_rate: bool, fmt: str,
+                     overlap: float, shifts: int, seed: int, batch_size: int | None, num_overlap: int | None, device: str, jobs: int, start: float, duration: float | None, keep_rate: bool, fmt: str,
                      bits: str | None, clip: str, shard: str | None, force: bool, trust_code: bool, quiet: bool) -> None:
     """Separate audio files (or folders of them) into their sources with an Open-Unmix or umxtools model."""
     from umxtools.separate_files import Excerpt, collect_inputs, read_list, separate_files  # noqa: PLC0415
@@ -584,12 +591,13 @@ def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path,
     part = Shard.parse(shard)
     items = [item for i, item in enumerate(collect_inputs(paths)) if part.selects(i)]
     settings = SeparationSettings(niter=niter, softmask=softmask, residual=residual, wiener_win_len=wiener_win_len or None,
-                                  aggregate=parse_aggregate(aggregate), segment=segment, overlap=overlap, device=device)
+                                  aggregate=parse_aggregate(aggregate), segment=segment, overlap=overlap, device=device,
+                                  shifts=shifts, seed=seed, batch_size=batch_size, num_overlap=num_overlap)
     options = OutputOptions(format=fmt, bits=bits, clip=clip, keep_rate=keep_rate, force=force)
     with _files_progress([item.path.name for item in items], quiet) as progress:
         results = separate_files(model, items, out, settings, targets=_csv(targets), excerpt=Excerpt(start, duration),
                                  options=options, jobs=jobs, progress=progress, command=["umxtools", *sys.argv[1:]],
-                                 trust_code=trust_code, lists=[list_file] if list_file else [])
+                                 trust_code=trust_code, lists=[list_file] if list_file else [], model_config=model_config)
     failed = 0
     for r in results:
         for w in r.warnings:

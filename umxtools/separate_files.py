@@ -236,6 +236,7 @@ def separate_files(
     command: list[str] | None = None,
     trust_code: bool = False,
     lists: Iterable[str | Path] = (),
+    model_config: str | Path | None = None,
 ) -> list[FileResult]:
     """Separate every input with one model; results in input order.
 
@@ -254,7 +255,7 @@ def separate_files(
     fileio.check_disjoint(out, [p for p in lists if str(p) != "-"], "input list")
     if Path(model_source).expanduser().exists():
         fileio.check_disjoint(out, [Path(model_source).expanduser()], "model folder")
-    model = load_model(model_source, targets, trust_code=trust_code)
+    model = load_model(model_source, targets, trust_code=trust_code, config=model_config)
     separator = Separator(model, settings)  # checks the settings against the model
     fileio.check_writable(out)
     record = {"format": RECORD_FORMAT, "format_version": 1, "model": model.identity,
@@ -271,20 +272,21 @@ def separate_files(
         return results
     del separator, model  # each worker loads its own
     jobs = min(jobs, len(items))
-    return _in_processes(model_source, targets, settings, record, items, out, excerpt, options, jobs, progress, trust_code)
+    return _in_processes(model_source, targets, settings, record, items, out, excerpt, options, jobs, progress, trust_code,
+                         model_config)
 
 
 _WORKER: dict = {}
 
 
-def _worker_init(model_source, targets, settings, record, threads, events, trust_code) -> None:
+def _worker_init(model_source, targets, settings, record, threads, events, trust_code, model_config=None) -> None:
     import torch  # noqa: PLC0415
 
     from umxtools.models.loading import load_model  # noqa: PLC0415
     from umxtools.separation import Separator  # noqa: PLC0415
 
     torch.set_num_threads(threads)
-    model = load_model(model_source, targets, identity=False, trust_code=trust_code)
+    model = load_model(model_source, targets, identity=False, trust_code=trust_code, config=model_config)
     _WORKER.update(separator=Separator(model, settings), record=record, events=events)
 
 
@@ -298,7 +300,8 @@ def _worker_run(index: int, item: InputItem, out: Path, excerpt: Excerpt, option
         events.put((index, "done", 0))
 
 
-def _in_processes(model_source, targets, settings, record, items, out, excerpt, options, jobs, progress, trust_code) -> list[FileResult]:
+def _in_processes(model_source, targets, settings, record, items, out, excerpt, options, jobs, progress, trust_code,
+                  model_config=None) -> list[FileResult]:
     # spawn, not fork: a forked child of a process that already ran torch's OpenMP pool can hang
     ctx = multiprocessing.get_context("spawn")
     events = ctx.Queue()
@@ -316,7 +319,7 @@ def _in_processes(model_source, targets, settings, record, items, out, excerpt, 
     relay_thread.start()
     try:
         with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
-                                 initargs=(str(model_source), targets, settings, record, threads, events, trust_code)) as pool:
+                                 initargs=(str(model_source), targets, settings, record, threads, events, trust_code, model_config)) as pool:
             futures = [pool.submit(_worker_run, i, item, out, excerpt, options) for i, item in enumerate(items)]
             return [f.result() for f in futures]
     finally:

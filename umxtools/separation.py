@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from umxtools import fileio
+from umxtools import fileio, segments
 from umxtools.errors import UsageError
 from umxtools.filtering import wiener
 from umxtools.models import ModelError
@@ -72,6 +72,12 @@ class SeparationSettings:
             open-unmix's ``aggregate_dict``).
         segment, overlap: for models that accept excerpts: run the model on segments of
             ``segment`` seconds overlapping by ``overlap`` of a segment, cross-faded linearly.
+            Segment-based models (HTDemucs, MSST checkpoints) follow their own rules instead
+            (:mod:`umxtools.segments`): ``segment`` replaces their segment or ``chunk_size``,
+            ``overlap`` is demucs's.
+        shifts, seed: demucs's random time shifts, averaged; the offsets come from ``seed``.
+        batch_size: segments run together (default 1; an MSST config's ``batch_size``).
+        num_overlap: MSST's windows per chunk (default: the MSST config's, else 4).
         device: torch device name, or ``auto``.
     """
 
@@ -83,10 +89,15 @@ class SeparationSettings:
     segment: float | None = None
     overlap: float = 0.25
     device: str = "cpu"
+    shifts: int = 0
+    batch_size: int | None = None
+    num_overlap: int | None = None
+    seed: int = 0
 
     def as_dict(self) -> dict:
         return {"niter": self.niter, "softmask": self.softmask, "residual": self.residual, "wiener_win_len": self.wiener_win_len,
-                "aggregate": self.aggregate, "segment": self.segment, "overlap": self.overlap, "device": self.device}
+                "aggregate": self.aggregate, "segment": self.segment, "overlap": self.overlap, "device": self.device,
+                "shifts": self.shifts, "batch_size": self.batch_size, "num_overlap": self.num_overlap, "seed": self.seed}
 
 
 def parse_aggregate(items: list[str] | tuple[str, ...]) -> dict[str, list[str]] | None:
@@ -164,6 +175,9 @@ class Separator:
         if model.module is not None:
             index = {t: i for i, t in enumerate(model.module_targets)}
             self._select = [index[t] for t in model.targets]
+        self._plan = segments.plan_for(model, s, self._batch_call) if model.kind == "waveform" else None
+        if self._plan is None and (s.shifts or s.batch_size is not None or s.num_overlap is not None):
+            raise UsageError(None, "shifts, batch size and num_overlap apply to segment-based models (HTDemucs, MSST checkpoints)")
 
     @property
     def sample_rate(self) -> int:
@@ -257,7 +271,10 @@ class Separator:
                                  f"a waveform model returns (batch, targets={len(self.model.module_targets)}, channels, samples)")
             return y[0, self._select].expand(-1, audio.shape[0], -1)  # (targets, channels, samples)
 
-        if seg is None:
+        if self._plan is not None:
+            progress("total", self._plan.nb_segments(length))
+            chunks = _starts(y[self._select] for y in self._plan.blocks(audio, progress))
+        elif seg is None:
             progress("total", 1)
             y = run(0, length)
             progress("advance", 1)
@@ -269,6 +286,29 @@ class Separator:
             if self.settings.residual:
                 y = torch.cat([y, (audio[:, a:a + y.shape[-1]] - _sum_first(y))[None]])
             yield y
+
+
+    def _batch_call(self, model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``model`` on a batch of segments ``(batch, channels, n)``, its output shape checked and a
+        mono model's output given the input's channels: ``(batch, sources, channels, n)``."""
+        mono = self.model.nb_channels == 1
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            y = model(x.mean(1, keepdim=True) if mono else x)
+            if y.dim() != 4 or y.shape[0] != x.shape[0] or y.shape[1] != len(self.model.module_targets) or y.shape[-1] != x.shape[-1]:
+                raise ModelError(self.model.identity.get("class"), f"returned shape {tuple(y.shape)} for input {tuple(x.shape)}; "
+                                 f"a waveform model returns (batch, targets={len(self.model.module_targets)}, channels, samples)")
+            return y.expand(-1, -1, x.shape[1], -1)
+
+        return call
+
+
+def _starts(blocks: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, int]]:
+    """Consecutive blocks with their first sample's position."""
+    start = 0
+    for y in blocks:
+        yield y, start
+        start += y.shape[-1]
 
 
 def _sum_first(t: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,10 @@ MODELS: dict[str, str] = {
     "waveform": "umxtools.models.waveform:Demucs",
     "bsroformer": "umxtools.models.bsroformer:BSRoformer",
     "melroformer": "umxtools.models.melroformer:MelBandRoformer",
+    "htdemucs": "umxtools.models.htdemucs:HTDemucs",
 }
+# demucs's published names whose models are all HTDemucs (umxtools.models.foreign loads them)
+DEMUCS_NAMES = ("htdemucs", "htdemucs_ft", "htdemucs_6s")
 # what --joint trains (one UMX per target)
 JOINT = "umxtools.models.joint:OpenUnmixJoint"
 # the training loss of each kind: open-unmix's MSE on magnitudes; L1 (Demucs' loss) or SDR on waveforms

@@ -58,6 +58,8 @@ class SeparationModel:
     module: torch.nn.Module | None = None
     module_targets: list[str] | None = None
     identity: dict = field(default_factory=dict)
+    # how umxtools.segments runs a segment-based waveform model: {"rule": "demucs"} or {"rule": "msst", ...}
+    segmenting: dict | None = None
 
     def to(self, device: torch.device | str) -> "SeparationModel":
         for m in self.modules():
@@ -74,7 +76,7 @@ class SeparationModel:
 
 
 def load_model(source: str | Path, targets: list[str] | None = None, identity: bool = True,
-               trust_code: bool = False) -> SeparationModel:
+               trust_code: bool = False, config: str | Path | None = None) -> SeparationModel:
     """A model folder or a published model name -> :class:`SeparationModel` on the CPU, in eval mode.
 
     Args:
@@ -83,15 +85,24 @@ def load_model(source: str | Path, targets: list[str] | None = None, identity: b
         targets: the targets to separate, a subset of the model's (default: all, in its order).
         identity: hash the weight files for the provenance record (``SeparationModel.identity``).
         trust_code: import the Python file or module a ``model.json`` names outside ``umxtools``.
+        config: an MSST YAML config; ``source`` is then its ``.ckpt``. A demucs ``.th`` file or
+            name (``htdemucs``, ``htdemucs_ft``, ...) needs none (:mod:`umxtools.models.foreign`).
     Raises :class:`ModelError` for an unknown name, a folder that is not a model, missing weights;
     :class:`UntrustedCodeError` for a folder that would run code without ``trust_code``;
     :class:`UnsafeNameError` for a target or file name that would leave the folder.
     """
     from umxtools import pretrained  # noqa: PLC0415  (it imports this module)
+    from umxtools.models import foreign  # noqa: PLC0415  (imports demucs only when used)
 
     for t in targets or []:
         fileio.check_name(t, "target", "--targets")
     path = Path(source).expanduser()
+    if config is not None or path.suffix in (".th", ".ckpt") or str(source) in foreign.DEMUCS_NAMES:
+        if config is not None or path.suffix == ".ckpt":
+            if config is None:
+                raise ModelError(path, "an MSST checkpoint needs its YAML config (--model-config)")
+            return foreign.msst_separation_model(path, config, targets, identity=identity)
+        return foreign.demucs_separation_model(source, targets, identity=identity)
     if path.exists():
         if not path.is_dir():
             raise ModelError(path, "is a file; a model is a folder (model.json or separator.json + <target>.pth)")
@@ -324,7 +335,7 @@ def _load_umxtools_folder(folder: Path, targets: list[str] | None, trust_code: b
     identity = {"source": str(folder.resolve()), "format": MODEL_FORMAT, "class": spec, "args": args, "weights": [weights.name]}
     model = SeparationModel(kind=kind, targets=chosen, sample_rate=int(rate), nb_channels=int(meta.get("nb_channels", 2)),
                             n_fft=meta.get("n_fft"), n_hop=meta.get("n_hop"), module=module, module_targets=list(available),
-                            identity=identity)
+                            identity=identity, segmenting=meta.get("segmenting"))
     if kind == "spectrogram":
         parts = _umx_parts(module, available)
         if parts is not None:
