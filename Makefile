@@ -7,6 +7,7 @@ PIP           ?= $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 OPENUNMIX_VERSION ?= 1.3.0
 AUDIO_SEPARATOR_VERSION ?= 0.47.1
+DEMUCS_VERSION ?= 4.1.0
 
 DATA      ?= data/toy
 CACHE_DIR ?= cache
@@ -46,6 +47,9 @@ install:
 	@$(PYTHON) -c "import importlib.metadata as m; m.version('audio-separator')" 2>/dev/null || \
 		($(PIP) install -q --no-deps "audio-separator==$(AUDIO_SEPARATOR_VERSION)" && \
 		 $(PIP) install -q einops "beartype<0.19" "rotary-embedding-torch<0.7" librosa "torch==$(TORCH_VERSION)")
+	@# HTDemucs (umxtools train/separate --model htdemucs) and the reference of its tests
+	@$(PYTHON) -c "import importlib.metadata as m; m.version('demucs')" 2>/dev/null || \
+		$(PIP) install -q "demucs==$(DEMUCS_VERSION)" "torch==$(TORCH_VERSION)"
 
 # a one-node Slurm cluster for the cluster tests; where it cannot start they skip and say why
 slurm:
