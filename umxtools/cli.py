@@ -3,7 +3,10 @@
 Each command parses flags, calls one library function and prints the path of the artifact it made
 on stdout (so ``$(umxtools cache ...)`` works); progress and messages go to stderr. Library errors
 become one line, ``umxtools: error: PATH: problem``, and exit code 1 (``--debug`` shows the
-traceback); usage errors exit with 2 as Click's do.
+traceback); usage errors exit with 2 as Click's do; a command stopped by SIGTERM or SIGINT inside
+:func:`umxtools.interrupts.interruptible` prints ``umxtools: stopped by SIGTERM; ...`` and exits
+with 128 + the signal's number. Flags shared by several commands are the ``_..._option``
+decorators below: one name, help text and default each.
 """
 
 from __future__ import annotations

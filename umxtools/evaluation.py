@@ -15,14 +15,19 @@ targets present are scored jointly (BSSEval v4 projects each estimate on all ref
 group), and when both ``vocals`` and ``accompaniment`` are scored they form a second, separate
 group (museval's vocals/accompaniment scenario; the vocals scores of the first group are dropped).
 A single target cannot be scored (museval returns nothing for it). Estimates longer than the
-references are truncated and shorter ones zero-padded (``museval.pad_or_truncate``); frames where
+references are truncated and shorter ones zero-padded (``museval.pad_or_truncate``), the latter
+with a warning naming the file (a truncated file is what a killed writer leaves); frames where
 any reference or estimate of the group is silent are NaN (museval's rule); a source silent over
 the whole track is an error, as in museval.
 
 A track is the unit of work and of resume: its JSON is written atomically when it is scored, a
 run skips tracks whose JSON exists, fits the run's settings and whose estimate files did not
 change; ``jobs`` scores tracks in worker processes; ``shard`` takes every N-th track, so cluster
-array jobs can share one scores folder.
+array jobs can share one scores folder (a shard with no track is an error). Temporary score files
+of killed runs are removed under the track's lock; inside :func:`umxtools.interrupts.interruptible`
+a SIGTERM or SIGINT stops the workers at once and leaves only finished score files. In an
+estimates folder ``oracle`` made, a track it has not finished (no record, or missing while the
+references have it) is that track's error (:func:`umxtools.oracle.track_problem`).
 
 The scores folder is never one of the inputs (the estimates, the references), and is a folder
 ``eval`` made itself (:func:`umxtools.fileio.claim_folder`) or a new or empty one. There is no
