@@ -68,7 +68,7 @@ def test_per_track_errors_keep_the_other_tracks(toy, tmp_path, run_cli):
     scores = tmp_path / "scores"
     result = run_cli("eval", est, "--references", refs, "-o", scores)
     assert result.code == 1
-    assert result.out.strip() == str(scores)  # what was scored is there
+    assert result.out == ""  # stdout names the scores folder only when every track of the run has its scores
     lines = sorted(line for line in result.err.splitlines() if line.strip())
     e = f"umxtools: error: {est}"
     assert lines == sorted([
@@ -284,13 +284,13 @@ def test_two_runs_on_one_track_never_mix_settings(toy, tmp_path, monkeypatch):
     real_jobs = evaluation._run_jobs
 
     def racing(todo, jobs):
-        for track, result, seconds in real_jobs(todo, jobs):
+        for track, result, seconds, notes in real_jobs(todo, jobs):
             if track == "t1":
                 fileio.write_text(scores / "t1.json", theirs)
-                yield track, result, seconds
+                yield track, result, seconds, notes
             else:
                 with fileio.exclusive(scores / "t2.json"):
-                    yield track, result, seconds
+                    yield track, result, seconds, notes
 
     monkeypatch.setattr(evaluation, "_run_jobs", racing)
     summary = evaluation.evaluate_estimates(est, FolderReferences(str(refs)), scores)
@@ -312,3 +312,81 @@ def test_score_files_have_the_umask_mode(toy, tmp_path):
     result = run_with_umask(0o027, "eval", tmp_path / "est", "--references", refs, "-o", tmp_path / "scores", "-q")
     assert result.code == 0, result.err
     assert modes(tmp_path / "scores") == {MARKER: 0o640, "t1.json": 0o640}
+
+
+# --- what eval refuses to score quietly ----------------------------------------------------------------
+
+
+def test_a_truncated_estimate_is_scored_with_a_warning(toy, tmp_path, run_cli):
+    """A writer killed midway leaves a short file; museval pads it with zeros in silence. A longer
+    estimate is cut to the reference, as museval cuts it, without a warning. With --jobs 2 the
+    warning comes from a worker process and must still reach the user."""
+    refs = _references(toy, tmp_path / "refs", ["short", "long"])
+    est = tmp_path / "est"
+    for name in ("short", "long"):
+        _estimates(refs, est, name)
+    audio = sf.read(est / "short" / "vocals.wav", always_2d=True)[0]
+    sf.write(est / "short" / "vocals.wav", audio[:66150], 44100, subtype="FLOAT")
+    audio = sf.read(est / "long" / "vocals.wav", always_2d=True)[0]
+    sf.write(est / "long" / "vocals.wav", np.concatenate([audio, audio[:100]]), 44100, subtype="FLOAT")
+    result = run_cli("eval", est, "--references", refs, "-o", tmp_path / "scores", "--jobs", "2", "-q")
+    assert (result.code, result.out.strip()) == (0, str(tmp_path / "scores")), result.err
+    assert result.err.splitlines() == [
+        f"umxtools: warning: {est / 'short' / 'vocals.wav'}: 66150 samples, 22050 (0.50 s) shorter than the reference; "
+        "zero-padded as museval does (a truncated file? make it again)"]
+    doc = simplejson.loads((tmp_path / "scores" / "long.json").read_text())
+    assert doc["umxtools"]["estimate_nb_samples"]["vocals"] == 88300
+
+
+def test_a_shard_with_no_track_says_so_and_writes_nothing(toy, tmp_path, run_cli):
+    refs = _references(toy, tmp_path / "refs", ["t1", "t2"])
+    est = tmp_path / "est"
+    for name in ("t1", "t2"):
+        _estimates(refs, est, name)
+    result = run_cli("eval", est, "--references", refs, "-o", tmp_path / "scores", "--shard", "2/3")
+    assert error_line(result) == f"umxtools: error: shard 2/3 selects none of the 2 tracks of {est}; use at most 2 shards"
+    assert result.out == "" and not (tmp_path / "scores").exists()
+
+
+def test_a_half_written_oracle_folder_is_not_scored(toy, tmp_path, run_cli):
+    """An oracle run stopped after its first track (or an older umxtools's oracle folder with a
+    track written to its middle): eval names the tracks and the fix instead of scoring a part."""
+    refs = _references(toy, tmp_path / "refs", ["t1", "t2", "t3"])
+    est, scores = tmp_path / "est", tmp_path / "scores"
+    oracle = ("oracle", "--references", refs, "--method", "mix", "--targets", "vocals,accompaniment", "-o", est, "-q")
+    assert run_cli(*oracle).code == 0
+    shutil.rmtree(est / "t3")  # never written: the run was stopped before it
+    (est / "t2" / "oracle.json").unlink()  # written to its middle
+    result = run_cli("eval", est, "--references", refs, "-o", scores)
+    assert (result.code, result.out) == (1, "")
+    fix = f"finish the folder first: run the umxtools oracle command that writes {est} again (it redoes incomplete tracks)"
+    assert sorted(line for line in result.err.splitlines() if line.strip()) == [
+        f"umxtools: error: {est / 't2'}: incomplete oracle estimates (no oracle.json: the run writing them was stopped, or an "
+        f"older umxtools wrote them); {fix}",
+        f"umxtools: error: {est / 't3'}: no estimates of this track; {fix}",
+    ]
+    assert sorted(p.name for p in scores.glob("[!.]*")) == ["t1.json"]
+    assert run_cli(*oracle).code == 0
+    again = run_cli("eval", est, "--references", refs, "-o", scores)
+    assert (again.code, again.out.strip()) == (0, str(scores)), again.err
+    assert sorted(p.name for p in scores.glob("[!.]*")) == ["t1.json", "t2.json", "t3.json"]
+
+
+def test_residual_of_a_vocals_model_is_named_in_the_single_target_error(toy, tmp_path, run_cli):
+    refs = _references(toy, tmp_path / "refs", ["t1"])
+    est = _estimates(refs, tmp_path / "est", "t1")
+    (est / "accompaniment.wav").rename(est / "residual.wav")
+    line = error_line(run_cli("eval", tmp_path / "est", "--references", refs, "-o", tmp_path / "scores"))
+    assert line.endswith("; residual.wav is not a target: separate such a model again with --residual, which names it "
+                         "accompaniment.wav, or rename residual.wav to accompaniment.wav")
+
+
+def test_killed_writers_temporaries_are_removed_by_the_next_run(toy, tmp_path, run_cli):
+    refs = _references(toy, tmp_path / "refs", ["t1"])
+    _estimates(refs, tmp_path / "est", "t1")
+    scores = tmp_path / "scores"
+    assert run_cli("eval", tmp_path / "est", "--references", refs, "-o", scores, "-q").code == 0
+    left = scores / ".t1.json.4242-0123abcd.tmp"
+    left.write_text('{"targets": [')  # SIGKILL while the score file was written
+    assert run_cli("eval", tmp_path / "est", "--references", refs, "-o", scores, "-q").code == 0
+    assert not left.exists()

@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 
 from tests.conftest import error_line
+from umxtools.cache import Shard
 from umxtools.evaluation import evaluate_estimates, read_scores
 from umxtools.fileio import MARKER
 from umxtools.oracle import MANIFEST, METHODS, oracle_estimates, write_oracle
@@ -99,7 +100,7 @@ def test_oracle_writes_an_estimates_folder(toy, tmp_path, run_cli):
     assert result.out.strip() == str(out)
     assert [p.name for p in (out / "train").iterdir()] == ["toy_000"]
     files = sorted(p.name for p in (out / "train" / "toy_000").iterdir())
-    assert files == ["accompaniment.wav", "bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+    assert files == ["accompaniment.wav", "bass.wav", "drums.wav", "oracle.json", "other.wav", "vocals.wav"]
     info = sf.info(out / "train" / "toy_000" / "vocals.wav")
     assert (info.samplerate, info.channels, info.frames, info.subtype) == (RATE, 2, 2 * RATE, "FLOAT")
     manifest = json.loads((out / MANIFEST).read_text())
@@ -107,9 +108,9 @@ def test_oracle_writes_an_estimates_folder(toy, tmp_path, run_cli):
 
     line = error_line(run_cli("oracle", toy, "--is-wav", "--subset", "train", "--method", "mwf", "-o", out))
     assert line == f"umxtools: error: {out}: holds ibm estimates of {toy.resolve()}; write into another folder or pass --force"
-    folder = run_cli("oracle", toy / "test", "--folder", "--method", "mix", "--targets", "vocals,accompaniment", "-o", tmp_path / "mix", "-q")
+    folder = run_cli("oracle", "--references", toy / "test", "--method", "mix", "--targets", "vocals,accompaniment", "-o", tmp_path / "mix", "-q")
     assert folder.code == 0, folder.err
-    assert sorted(p.name for p in (tmp_path / "mix" / "toy_002").iterdir()) == ["accompaniment.wav", "vocals.wav"]
+    assert sorted(p.name for p in (tmp_path / "mix" / "toy_002").iterdir()) == ["accompaniment.wav", "oracle.json", "vocals.wav"]
 
 
 def test_irm_scores_far_above_the_mixture(toy, tmp_path, run_cli):
@@ -181,7 +182,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def _oracle(run_cli, refs: Path, out: Path, *flags):
-    return run_cli("oracle", refs, "--folder", "--method", "mix", "--targets", "vocals,accompaniment", "-o", out, "-q", *flags)
+    return run_cli("oracle", "--references", refs, "--method", "mix", "--targets", "vocals,accompaniment", "-o", out, "-q", *flags)
 
 
 def test_oracle_never_writes_over_a_models_estimates(toy, tmp_path, run_cli):
@@ -220,15 +221,16 @@ def test_oracle_reruns_into_its_own_folder_and_force_replaces_it(toy, tmp_path, 
     method needs --force, which leaves no estimate of the old method beside the new ones."""
     refs = _refs(toy, tmp_path / "refs")
     out = tmp_path / "est"
-    assert run_cli("oracle", refs, "--folder", "--method", "irm2", "-o", out, "-q").code == 0
+    assert run_cli("oracle", "--references", refs, "--method", "irm2", "-o", out, "-q").code == 0
     (out / ".complete").touch()
-    rerun = run_cli("oracle", refs, "--folder", "--method", "irm2", "-o", out, "-q")
+    rerun = run_cli("oracle", "--references", refs, "--method", "irm2", "-o", out, "-q")
     assert rerun.code == 0, rerun.err
-    assert sorted(p.name for p in (out / "toy_001").iterdir()) == ["accompaniment.wav", "bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+    assert sorted(p.name for p in (out / "toy_001").iterdir()) == ["accompaniment.wav", "bass.wav", "drums.wav", "oracle.json", "other.wav",
+                                                                   "vocals.wav"]
     line = error_line(_oracle(run_cli, refs, out))
     assert line == f"umxtools: error: {out}: holds irm2 estimates of {refs.resolve()}; write into another folder or pass --force"
     assert _oracle(run_cli, refs, out, "--force").code == 0
-    assert sorted(p.name for p in (out / "toy_001").iterdir()) == ["accompaniment.wav", "vocals.wav"]
+    assert sorted(p.name for p in (out / "toy_001").iterdir()) == ["accompaniment.wav", "oracle.json", "vocals.wav"]
     assert json.loads((out / MANIFEST).read_text())["method"] == "mix"
 
 
@@ -237,7 +239,7 @@ def test_oracle_names_become_paths_only_when_plain(toy, tmp_path, run_cli):
     out = tmp_path / "est"
     line = error_line(_oracle(run_cli, refs, out))
     assert line == f"umxtools: error: {refs}: track 'bad\\tname' contains a control character; it must be a plain file name"
-    line = error_line(run_cli("oracle", refs, "--folder", "--method", "mix", "--targets", "vocals,../../evil", "-o", out))
+    line = error_line(run_cli("oracle", "--references", refs, "--method", "mix", "--targets", "vocals,../../evil", "-o", out))
     assert line == "umxtools: error: target '../../evil' contains a path separator; it must be a plain file name"
     assert not out.exists() and not list(tmp_path.rglob("*evil*"))
 
@@ -263,7 +265,7 @@ def test_oracle_output_problems_are_one_line_before_any_track(toy, tmp_path, run
     line = error_line(_oracle(run_cli, refs, out))
     assert line == (f"umxtools: error: {out / 'toy_001' / 'vocals.wav'}: cannot write the estimate (System error.); "
                     "check the free space and quota there")
-    assert not list(out.rglob("*.wav")) and not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.wav")) and not list(out.rglob("*.tmp")) and not list(out.rglob("*.partial"))
 
 
 def test_oracle_files_have_the_umask_mode(toy, tmp_path):
@@ -271,8 +273,104 @@ def test_oracle_files_have_the_umask_mode(toy, tmp_path):
     from tests.conftest import modes, run_with_umask
 
     refs = _refs(toy, tmp_path / "refs")
-    result = run_with_umask(0o027, "oracle", refs, "--folder", "--method", "mix", "--targets", "vocals,accompaniment",
+    result = run_with_umask(0o027, "oracle", "--references", refs, "--method", "mix", "--targets", "vocals,accompaniment",
                             "-o", tmp_path / "est", "-q")
     assert result.code == 0, result.err
     assert modes(tmp_path / "est") == {name: 0o640 for name in
-                                       (MARKER, "toy_001/accompaniment.wav", "toy_001/vocals.wav", MANIFEST)}
+                                       (MARKER, "toy_001/accompaniment.wav", "toy_001/oracle.json", "toy_001/vocals.wav", MANIFEST)}
+
+
+# --- requeue-safe: shards, reruns, killed runs ------------------------------------------------------
+
+
+def test_shards_share_one_folder_and_equal_one_run(toy, tmp_path, run_cli):
+    """A 2-task array writes the same estimates as one process; a rerun skips; --force redoes."""
+    refs = _refs(toy, tmp_path / "refs", names=("t0", "t1", "t2"))
+    single, array = tmp_path / "single", tmp_path / "array"
+    assert _oracle(run_cli, refs, single).code == 0
+    for k in (0, 1):
+        result = _oracle(run_cli, refs, array, "--shard", f"{k}/2")
+        assert (result.code, result.out.strip()) == (0, str(array)), result.err
+    assert sorted(p.name for p in array.iterdir()) == sorted(p.name for p in single.iterdir())
+    for name in ("t0", "t1", "t2"):
+        for target in ("vocals", "accompaniment"):
+            a, b = sf.read(single / name / f"{target}.wav")[0], sf.read(array / name / f"{target}.wav")[0]
+            assert (a == b).all(), (name, target)
+
+    rerun = run_cli("oracle", "--references", refs, "--method", "mix", "--targets", "vocals,accompaniment", "-o", array)
+    assert rerun.code == 0 and rerun.err.splitlines()[-1] == "wrote 0 track(s), 3 already complete (--force redoes them)"
+    forced = run_cli("oracle", "--references", refs, "--method", "mix", "--targets", "vocals", "-o", array, "--force", "--shard", "1/2")
+    assert forced.code == 0 and forced.err.splitlines()[-1] == "wrote 1 track(s), 0 already complete (--force redoes them)"
+    assert sorted(p.name for p in (array / "t1").iterdir()) == ["oracle.json", "vocals.wav"]  # redone with the targets asked
+    # more targets than a track has: it is not complete, and is redone without --force
+    more = run_cli("oracle", "--references", refs, "--method", "mix", "--targets", "vocals,accompaniment", "-o", array)
+    assert more.code == 0 and more.err.splitlines()[-1] == "wrote 1 track(s), 2 already complete (--force redoes them)"
+
+
+def test_a_shard_with_no_track_says_so_and_writes_nothing(toy, tmp_path, run_cli):
+    refs = _refs(toy, tmp_path / "refs", names=("t0", "t1"))
+    result = _oracle(run_cli, refs, tmp_path / "est", "--shard", "3/4")
+    assert error_line(result) == f"umxtools: error: shard 3/4 selects none of the 2 tracks of {refs}; use at most 2 shards"
+    assert result.out == "" and not (tmp_path / "est").exists()
+
+
+def test_a_killed_runs_partial_tracks_are_cleaned_and_redone(toy, tmp_path, run_cli):
+    """SIGKILL (out of memory, Slurm after KillWait) leaves a staging folder; an older umxtools
+    left track folders without their record. The next run removes the one and redoes the other."""
+    refs = _refs(toy, tmp_path / "refs", names=("t0", "t1"))
+    out = tmp_path / "est"
+    assert _oracle(run_cli, refs, out).code == 0
+    staging = out / ".t0.4242-0123abcd.partial"
+    staging.mkdir()
+    (staging / "vocals.wav").write_bytes(b"half")
+    (out / "t1" / "oracle.json").unlink()
+    (out / "t1" / "accompaniment.wav").write_bytes(b"truncated")
+    result = _oracle(run_cli, refs, out)
+    assert result.code == 0, result.err
+    assert not staging.exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, MANIFEST, "t0", "t1"])
+    from umxtools.oracle import track_problem
+
+    assert track_problem(out / "t1", "mix", None, ["vocals", "accompaniment"]) is None
+    assert sf.info(out / "t1" / "accompaniment.wav").frames == 2 * RATE
+
+
+def test_shards_starting_together_both_claim_the_new_folder(toy, tmp_path, monkeypatch):
+    """Shard 1 looks at the folder just after shard 0 marked it as oracle's, before shard 0 wrote
+    its manifest: it once read 'unknown estimates' there and refused the folder."""
+    import threading
+
+    from umxtools import fileio, oracle
+
+    refs = FolderReferences(str(_refs(toy, tmp_path / "refs", names=("t0", "t1"))))
+    out = tmp_path / "est"
+    real_claim = fileio.claim_folder
+    errors, others = [], []
+
+    def other_shard():
+        try:
+            write_oracle(refs, "mix", out, targets=["vocals", "accompaniment"], shard=Shard(1, 2))
+        except Exception as exc:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(exc)
+
+    def claim_then_let_the_other_shard_look(folder, command, *args):
+        path = real_claim(folder, command, *args)
+        if not others:
+            others.append(threading.Thread(target=other_shard))
+            others[0].start()
+            others[0].join(timeout=1)  # without the lock it finishes (or fails) here
+        return path
+
+    monkeypatch.setattr(fileio, "claim_folder", claim_then_let_the_other_shard_look)
+    summary = write_oracle(refs, "mix", out, targets=["vocals", "accompaniment"], shard=Shard(0, 2))
+    others[0].join(timeout=60)
+    assert errors == [] and summary.written == ["t0"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([MANIFEST, "t0", "t1"])
+
+
+def test_folder_is_a_deprecated_alias_of_references(toy, tmp_path, run_cli):
+    refs = _refs(toy, tmp_path / "refs")
+    result = run_cli("oracle", refs, "--folder", "--method", "mix", "--targets", "vocals,accompaniment", "-o", tmp_path / "est", "-q")
+    assert (result.code, result.out.strip()) == (0, str(tmp_path / "est"))
+    assert result.err.splitlines() == ["umxtools: warning: --folder is deprecated: use --references ROOT"]
+    assert sorted(p.name for p in (tmp_path / "est" / "toy_001").iterdir()) == ["accompaniment.wav", "oracle.json", "vocals.wav"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import h5py
@@ -200,3 +201,50 @@ def test_steps_run_before_their_inputs_exist(toy_root, tmp_path):
         assert (r.returncode, r.stderr.strip().splitlines()) == (1, [f"umxtools: error: {message}"]), cmd
         assert r.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty-model"]
+
+
+def _squeue(job: str, *flags: str) -> list[str]:
+    r = subprocess.run(["squeue", "-h", "-j", job, *flags], capture_output=True, text=True, timeout=30)
+    return r.stdout.split()
+
+
+def test_a_requeued_eval_array_task_finishes_the_job(slurm, toy_root, tmp_path):
+    """`scontrol requeue` of an eval task that has scored part of its tracks: SIGTERM stops it
+    cleanly (its log says so), the requeued task scores the rest, and the scores equal a single
+    process's. Estimates: oracle irm2 of four 8 s tracks, written by an oracle array."""
+    import json
+
+    env = _env(tmp_path)
+    (tmp_path / "logs").mkdir()
+    refs = tmp_path / "refs"
+    for i, name in enumerate(("a", "b", "c", "d")):
+        shutil.copytree(toy_root / "test" / sorted(p.name for p in (toy_root / "test").iterdir())[i % 2], refs / name)
+    est = tmp_path / "est"
+    oracle = _sbatch(["--wait", "--array=0-1", str(BIN / "step.sbatch"), "oracle", str(est), "--references", str(refs),
+                      "--method", "irm2", "--targets", "vocals,accompaniment"], tmp_path, env)
+    assert oracle and sorted(p.name for p in est.iterdir() if not p.name.startswith(".")) == ["a", "b", "c", "d", "umxtools-oracle.json"]
+    flags = ["--references", str(refs), "--targets", "vocals,accompaniment"]
+    _run([str(BIN / "eval"), str(tmp_path / "s-single"), str(est), *flags], env)
+
+    scores = tmp_path / "s-array"
+    job = _sbatch(["--array=0-1", "--open-mode=append", str(BIN / "step.sbatch"), "eval", str(scores), str(est), *flags], tmp_path, env)
+    deadline = time.monotonic() + 300
+    requeued = []
+    while not requeued and time.monotonic() < deadline:
+        done = list(scores.glob("[!.]*.json"))
+        running = _squeue(job, "-t", "R", "-o", "%i")
+        if len(done) == 1 and running:  # one task has scored its first track and is at its second
+            for task in running:
+                subprocess.run(["scontrol", "requeue", task], check=True, capture_output=True, timeout=30)
+            requeued = running
+        time.sleep(0.1)
+    assert requeued, "no task was caught between its two tracks"
+    while _squeue(job) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _squeue(job), "the requeued job did not finish"
+    logs = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("umx-step-*.out"))
+    assert "umxtools: stopped by SIGTERM; finished tracks are kept, a rerun continues" in logs, logs
+    a = {k: json.loads(v)["targets"] for k, v in _tree(tmp_path / "s-single", "[!.]*.json").items()}
+    b = {k: json.loads(v)["targets"] for k, v in _tree(scores, "[!.]*.json").items()}
+    assert len(a) == 4 and a == b
+    assert not [p for p in scores.rglob(".*") if p.name.endswith((".tmp", ".lock"))]

@@ -3,7 +3,10 @@
 Each command parses flags, calls one library function and prints the path of the artifact it made
 on stdout (so ``$(umxtools cache ...)`` works); progress and messages go to stderr. Library errors
 become one line, ``umxtools: error: PATH: problem``, and exit code 1 (``--debug`` shows the
-traceback); usage errors exit with 2 as Click's do.
+traceback); usage errors exit with 2 as Click's do; a command stopped by SIGTERM or SIGINT inside
+:func:`umxtools.interrupts.interruptible` prints ``umxtools: stopped by SIGTERM; ...`` and exits
+with 128 + the signal's number. Flags shared by several commands are the ``_..._option``
+decorators below: one name, help text and default each.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from rich.table import Table
 
 from umxtools import __version__
 from umxtools.errors import UmxError
+from umxtools.interrupts import Interrupted
 
 stderr = Console(stderr=True)
 
@@ -45,6 +49,9 @@ def main() -> None:
     except click.exceptions.Abort:
         stderr.print("umxtools: aborted", highlight=False)
         sys.exit(130)
+    except Interrupted as exc:  # SIGTERM or SIGINT inside interruptible(): cleanup has run
+        click.echo(f"umxtools: {exc}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -83,6 +90,144 @@ def _csv(value: str | None) -> list[str] | None:
     if value is None:
         return None
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _library(module: str, name: str):
+    """A value of the library (a registry, a default), imported when the CLI is built."""
+    import importlib  # noqa: PLC0415
+
+    return getattr(importlib.import_module(module), name)
+
+
+def _registry(module: str, name: str) -> list[str]:
+    """Choice lists come from the library's registries."""
+    return list(_library(module, name))
+
+
+# --- flags shared by several commands: one decorator each, one name, one help text, one default ------
+
+
+class _Option(click.Option):
+    """A Click option with hidden alias names (``aliases``): they parse as the option does, and
+    ``--help`` and error messages show only its other names. How a renamed flag keeps old
+    scripts working without a second name in the vocabulary."""
+
+    def __init__(self, param_decls, aliases: tuple[str, ...] = (), **attrs):
+        super().__init__([*param_decls, *aliases], **attrs)
+        self.aliases = tuple(aliases)
+
+    @contextmanager
+    def _shown(self):
+        opts = self.opts
+        self.opts = [o for o in opts if o not in self.aliases]
+        try:
+            yield
+        finally:
+            self.opts = opts
+
+    def get_help_record(self, ctx):
+        with self._shown():
+            return super().get_help_record(ctx)
+
+    def get_error_hint(self, ctx):
+        with self._shown():
+            return super().get_error_hint(ctx)
+
+
+def _names(value) -> list[str]:
+    """Repeated and comma-separated values of a flag, in order, each once."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return list(dict.fromkeys(v.strip() for item in values if item for v in item.split(",") if v.strip()))
+
+
+def _stack(*options):
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+def _subset_option(default: str, single: bool = False, dest: str = "subset"):
+    """``--subset``: MUSDB18 subsets, repeatable or comma-separated (``--subsets``: hidden alias).
+
+    The value is one subset's name, or with several the list (musdb.DB takes both). ``single``:
+    the command handles one subset per run, and says so for more.
+    """
+    choices = _registry("umxtools.references", "MUSDB_SUBSETS")
+
+    def check(ctx, param, value):
+        names = _names(value)
+        unknown = [n for n in names if n not in choices]
+        if unknown:
+            raise click.BadParameter(f"{unknown[0]!r} is not a MUSDB18 subset ({', '.join(choices)})")
+        if single and len(names) > 1:
+            raise click.BadParameter(f"one subset per run (got {', '.join(names)}): run the command once per subset")
+        return names[0] if len(names) == 1 else names
+
+    text = "MUSDB18 subset, one per run." if single else "MUSDB18 subsets, repeatable or comma-separated."
+    return click.option("--subset", dest, cls=_Option, aliases=("--subsets",), multiple=True, default=[default], show_default=True,
+                        callback=check, metavar="|".join(choices), help=text)
+
+
+def _targets_option(default: str, alias: bool = True):
+    """``--targets``: repeatable or comma-separated (``--target``: hidden alias). The value is
+    the comma-separated text (None when not given), which the commands split with ``_csv``."""
+
+    def join(ctx, param, value):
+        names = _names(value)
+        return ",".join(names) if names else None
+
+    return click.option("--targets", cls=_Option, aliases=("--target",) if alias else (), multiple=True, callback=join,
+                        metavar="NAMES", help=f"Targets, repeatable or comma-separated [default: {default}].")
+
+
+def _device_option(f):
+    """``--device``: one default, ``auto``, for every command that runs a model."""
+
+    def check(ctx, param, value):
+        import re  # noqa: PLC0415
+
+        # the form only; the library says which of them it can use here (CUDA present, N in range)
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise click.BadParameter(f"{value!r} is not auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    return click.option("--device", default="auto", show_default=True, callback=check,
+                        help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps.")(f)
+
+
+def _shard_option(items: str = "tracks"):
+    """``--shard K/N``: every command that works on many tracks or files."""
+    return click.option("--shard", default=None, metavar="K/N",
+                        help=f"Only the {items} i (sorted by name) with i % N == K, one Slurm array task each.")
+
+
+def _redo_option(f):
+    """``--force`` of the track stages, which skip tracks whose outputs are complete."""
+    return click.option("--force", is_flag=True, help="Redo tracks whose outputs are complete (a rerun skips them).")(f)
+
+
+def _jobs_option(f):
+    return click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+                        help="Worker processes, one track or file each at a time.")(f)
+
+
+def _quiet_option(f):
+    return click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but warnings and errors (no progress, no summary).")(f)
+
+
+def _references_options(f):
+    """Where the true sources of ``eval`` and ``oracle`` come from: ``--musdb ROOT`` (with
+    ``--is-wav``, ``--subset``) or ``--references DIR``."""
+    return _stack(
+        click.option("--musdb", "musdb_root", type=click.Path(file_okay=False, path_type=Path),
+                      help="MUSDB18 root with the references (estimates in ESTIMATES/<subset>/<track>/<target>.wav)."),
+        click.option("--is-wav", is_flag=True, help="--musdb is MUSDB18-HQ (track folders of wavs)."),
+        _subset_option("test", single=True),
+        click.option("--references", "references_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+                     help="Folder of reference tracks DIR/<track>/<source>.wav (estimates in ESTIMATES/<track>/<target>.wav)."),
+    )(f)
 
 
 # --- toy -------------------------------------------------------------------------------------
@@ -125,10 +270,10 @@ def _cache_build_options(f):
         click.option("--nfft", type=click.IntRange(min=16), default=4096, show_default=True, help="STFT size."),
         click.option("--nhop", type=click.IntRange(min=1), default=1024, show_default=True, help="STFT hop."),
         click.option("--resample", is_flag=True, help="Resample audio at another rate instead of refusing it."),
-        click.option("--shard", default=None, metavar="K/N", help="Build only tracks i with i % N == K (merge with 'cache merge')."),
-        click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Decode processes."),
+        _shard_option("tracks"),  # joined by 'cache merge'
+        _jobs_option,
         click.option("--force", is_flag=True, help="Replace an existing output file."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+        _quiet_option,
     ]
     for option in reversed(options):
         f = option(f)
@@ -150,7 +295,7 @@ def _build(refs, sources, meta, out, dtype, compression, chunk_frames, waveforms
 @cache.command("musdb")
 @click.argument("root", type=click.Path(path_type=Path))
 @click.option("--is-wav", is_flag=True, help="MUSDB18-HQ layout (track folders of wavs) instead of .stem.mp4.")
-@click.option("--subsets", type=click.Choice(["train", "test"]), default="train", show_default=True)
+@_subset_option("train", dest="subsets")
 @click.option("--split", type=click.Choice(["train", "valid", "all"]), default="train", show_default=True,
               help="musdb's train/valid split of the train subset ('all': no split).")
 @click.option("--valid-tracks", default=None, help="Comma-separated track names forming the valid split (default: musdb's list).")
@@ -349,8 +494,9 @@ class _TrainProgress:
 @click.option("--valid", "valid", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Validation cache (whole tracks are validated each epoch).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Model folder to write.")
-@click.option("--target", default=None, help="Target source, or a sum (drums+bass), or accompaniment [default: vocals].")
-@click.option("--targets", default=None, help="Comma-separated targets: with --joint, or for waveform and custom models.")
+# --target (one target) stays, hidden: the train body tells it from --targets (both: an error)
+@click.option("--target", default=None, hidden=True)
+@_targets_option("vocals; a target may be a sum, drums+bass; several: with --joint, or waveform and custom models", alias=False)
 @click.option("--joint", is_flag=True, help="One UMX per target in one model, loss summed over targets (OpenUnmixJoint).")
 @click.option("--model", default="umx", show_default=True, callback=_train_model_spec,
               help="umx (Open-Unmix), waveform (Demucs v2, time domain) or MODULE:CLASS / path/file.py:CLASS (see examples/template_model.py).")
@@ -378,16 +524,16 @@ class _TrainProgress:
 @click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
 @click.option("--loss", type=click.Choice(_waveform_losses()), default="l1", show_default=True, help="Waveform models' loss.")
 @click.option("--nb-workers", type=click.IntRange(min=0), default=0, show_default=True, help="Loader worker processes.")
-# the device and precision lists mirror umxtools.training.DEVICES / AMP_DTYPES, written out so that
-# `umxtools --help` does not import torch; the library checks them again
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+# the precision list mirrors umxtools.training.AMP_DTYPES, written out so that `umxtools --help`
+# does not import torch; the library checks it (and the device) again
+@_device_option
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None, help="Mixed precision (CUDA only).")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MINUTES",
               help="Stop after the epoch that passes it (--resume continues).")
 @click.option("--resume", is_flag=True, help="Continue the run in the output folder from its .chkpnt (a fresh start if there is none).")
 @click.option("--force", is_flag=True, help="Replace another run in the output folder.")
 @click.option("--allow-stale", is_flag=True, help="Use caches whose input files changed since they were built.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress and no log lines.")
+@_quiet_option
 def train(cache: Path, valid: Path, output: Path, target: str | None, targets: str | None, model_args: tuple[str, ...],
           source_augmentations: str, valid_seq_dur: float, quiet: bool, **flags) -> None:
     """Train a separation model on a cache (see docs/train.md); prints the model folder.
@@ -437,77 +583,89 @@ def _references(musdb_root: Path | None, is_wav: bool, subset: str, folder: Path
     return MusdbReferences(str(musdb_root), is_wav=is_wav, subset=subset)
 
 
-def _library(module: str, name: str):
-    """A value of the library (a registry, a default), imported when the CLI is built."""
-    import importlib  # noqa: PLC0415
-
-    return getattr(importlib.import_module(module), name)
-
-
-def _registry(module: str, name: str) -> list[str]:
-    """Choice lists come from the library's registries."""
-    return list(_library(module, name))
-
-
 @cli.command("eval")
 @click.argument("estimates", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--musdb", "musdb_root", type=click.Path(file_okay=False, path_type=Path),
-              help="MUSDB18 root with the references (estimates in ESTIMATES/<subset>/<track>/<target>.wav).")
-@click.option("--is-wav", is_flag=True, help="--musdb is MUSDB18-HQ (track folders of wavs).")
-@click.option("--subset", type=click.Choice(["train", "test"]), default="test", show_default=True)
-@click.option("--references", "references_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder of reference tracks DIR/<track>/<source>.wav (estimates in ESTIMATES/<track>/<target>.wav).")
+@_references_options
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Scores folder: one museval JSON per track.")
-@click.option("--targets", default=None, help="Comma-separated targets [default: every target with estimates].")
+@_targets_option("every target with estimates")
 @click.option("--backend", type=click.Choice(_registry("umxtools.evaluation", "BACKENDS")), default=_library("umxtools.evaluation", "DEFAULT_BACKEND"),
               show_default=True, help="Scoring backend: fast (umxtools.metrics, museval's numbers within 0.01 dB) or museval itself.")
-@click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes (one track each).")
-@click.option("--shard", default=None, metavar="K/N", help="Score only tracks i with i % N == K (shards share one scores folder).")
-@click.option("--force", is_flag=True, help="Rescore tracks that already have a score file (in a scores folder eval made).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@_jobs_option
+@_shard_option("tracks")
+@_redo_option
+@_quiet_option
 def eval_command(estimates: Path, musdb_root: Path | None, is_wav: bool, subset: str, references_dir: Path | None, output: Path,
                  targets: str | None, backend: str, jobs: int, shard: str | None, force: bool, quiet: bool) -> None:
-    """Score estimates with museval's BSSEval v4 (1 s frames) and the MDX whole-track SDR (uSDR)."""
+    """Score estimates with museval's BSSEval v4 (1 s frames) and the MDX whole-track SDR (uSDR).
+
+    Prints the scores folder on stdout when every track of the run has its scores; SIGTERM or
+    Ctrl-C stop it cleanly (exit 143, 130) and a rerun continues.
+    """
     from umxtools.cache import Shard  # noqa: PLC0415
     from umxtools.evaluation import evaluate_estimates  # noqa: PLC0415
+    from umxtools.interrupts import interruptible  # noqa: PLC0415
 
     references = _references(musdb_root, is_wav, subset, references_dir)
-    with _progress(f"scoring {estimates.name}", quiet) as progress:
+    with interruptible(), _progress(f"scoring {estimates.name}", quiet) as progress:
         summary = evaluate_estimates(estimates, references, output, targets=_csv(targets), backend=backend, jobs=jobs,
                                      shard=Shard.parse(shard), force=force, progress=progress)
     for error in summary.failed:  # per-track problems: the other tracks' scores are written
         click.echo(f"umxtools: error: {error}", err=True)
-    click.echo(str(output))
     if summary.failed:
-        sys.exit(1)
+        sys.exit(1)  # stdout names an artifact only when it is complete
+    click.echo(str(output))
     if not quiet:
         click.echo(f"scored {len(summary.scored)} track(s) ({summary.seconds_scored:.1f} s of audio), "
                    f"{len(summary.skipped)} already scored; targets {', '.join(summary.targets)}", err=True)
 
 
 @cli.command("oracle")
-@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("root", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--method", type=click.Choice(_registry("umxtools.oracle", "METHODS")), required=True,
               help="mix: mixture/J; irm1, irm2: ratio masks (magnitude, power); ibm: binary mask; mwf: multichannel Wiener.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Estimates folder to write.")
-@click.option("--is-wav", is_flag=True, help="ROOT is MUSDB18-HQ (track folders of wavs).")
-@click.option("--subset", type=click.Choice(["train", "test"]), default="test", show_default=True)
-@click.option("--folder", is_flag=True, help="ROOT is a folder of track folders ROOT/<track>/<source>.wav, not a MUSDB18 root.")
-@click.option("--targets", default=None, help="Comma-separated targets to write [default: every source and accompaniment].")
-@click.option("--force", is_flag=True, help="Replace another method's estimates in a folder oracle made (never a folder of anything else).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def oracle_command(root: Path, method: str, output: Path, is_wav: bool, subset: str, folder: bool, targets: str | None,
-                   force: bool, quiet: bool) -> None:
-    """Write oracle (mask from the true sources) or mixture estimates, ready for `umxtools eval`."""
+@_references_options
+# the flag of umxtools <= 0.1's oracle (ROOT is a references folder): parsed, hidden, deprecated
+@click.option("--folder", is_flag=True, hidden=True)
+@_targets_option("every source and accompaniment")
+@_shard_option("tracks")
+@click.option("--force", is_flag=True,
+              help="Redo tracks whose estimates are complete; replace another method's estimates in a folder oracle made "
+                   "(never a folder of anything else).")
+@_quiet_option
+def oracle_command(root: Path | None, method: str, output: Path, musdb_root: Path | None, is_wav: bool, subset: str,
+                   references_dir: Path | None, folder: bool, targets: str | None, shard: str | None, force: bool, quiet: bool) -> None:
+    """Write oracle (mask from the true sources) or mixture estimates, ready for `umxtools eval`.
+
+    The references: --musdb ROOT (ROOT alone means the same) or --references DIR. A rerun skips
+    tracks that are complete; SIGTERM or Ctrl-C stop it cleanly (exit 143, 130).
+    """
+    from umxtools.cache import Shard  # noqa: PLC0415
+    from umxtools.interrupts import interruptible  # noqa: PLC0415
     from umxtools.oracle import write_oracle  # noqa: PLC0415
 
-    if folder and is_wav:
-        raise click.UsageError("--is-wav (a MUSDB18-HQ root) and --folder exclude each other")
-    references = _references(None if folder else root, is_wav, subset, root if folder else None)
-    with _progress(f"oracle {method}", quiet) as progress:
-        path = write_oracle(references, method, output, targets=_csv(targets), force=force, progress=progress)
-    click.echo(str(path))
+    if root is not None:
+        if musdb_root is not None or references_dir is not None:
+            raise click.UsageError("give the references once: ROOT, --musdb ROOT or --references DIR")
+        if folder:
+            click.echo("umxtools: warning: --folder is deprecated: use --references ROOT", err=True)
+            references_dir = root
+        else:
+            musdb_root = root
+    elif folder:
+        raise click.UsageError("--folder (deprecated) goes with ROOT; use --references DIR")
+    references = _references(musdb_root, is_wav, subset, references_dir)
+    with interruptible(), _progress(f"oracle {method}", quiet) as progress:
+        summary = write_oracle(references, method, output, targets=_csv(targets), shard=Shard.parse(shard), force=force,
+                               progress=progress)
+    for error in summary.failed:  # tracks another process is writing: the other tracks are written
+        click.echo(f"umxtools: error: {error}", err=True)
+    if summary.failed:
+        sys.exit(1)
+    click.echo(str(output))
+    if not quiet:
+        click.echo(f"wrote {len(summary.written)} track(s), {len(summary.skipped)} already complete (--force redoes them)", err=True)
 
 
 @cli.command("report")
@@ -517,7 +675,7 @@ def oracle_command(root: Path, method: str, output: Path, is_wav: bool, subset: 
 @click.option("--agg", type=click.Choice(_registry("umxtools.report", "AGGREGATIONS")), default="median", show_default=True,
               help="median: over frames then tracks (SiSEC); mean: both means; mean-of-medians: median over frames, mean over tracks.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the SDR box plots.")
-@click.option("-q", "--quiet", is_flag=True, help="Do not print the table.")
+@_quiet_option
 def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool, quiet: bool) -> None:
     """Compare scores folders: one table of methods x targets x metrics, as CSV, Markdown and plots."""
     from umxtools.report import make_report, to_rich_table  # noqa: PLC0415
@@ -541,7 +699,7 @@ def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool,
                    f"or a demucs .th file or name ({', '.join(_registry('umxtools.models', 'DEMUCS_NAMES'))}); "
                    "or an MSST .ckpt with --model-config.")
 @click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path), default=None, help="The MSST YAML config of a .ckpt --model.")
-@click.option("--targets", default=None, help="Comma-separated subset of the model's targets [default: all].")
+@_targets_option("all of the model's")
 @click.option("--niter", type=click.IntRange(min=0), default=1, show_default=True, help="Wiener EM iterations (0: none).")
 @click.option("--softmask", is_flag=True, help="Start EM from ratio masks instead of magnitudes with the mixture phase.")
 @click.option("--residual", is_flag=True, help="Also write 'residual': the mixture minus the targets.")
@@ -558,8 +716,8 @@ def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool,
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --shifts offsets.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Segments run together (HTDemucs, MSST) [default: 1, or the MSST config's].")
 @click.option("--num-overlap", type=click.IntRange(min=1), default=None, help="MSST: windows per chunk [default: the config's, else 4].")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
-@click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Files separated in parallel processes.")
+@_device_option
+@_jobs_option
 @click.option("--start", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Start of the excerpt (s).")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None, help="Length of the excerpt (s) [default: to the end].")
 @click.option("--keep-rate/--no-keep-rate", default=True, show_default=True,
@@ -569,13 +727,13 @@ def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool,
               help="Sample format: 16, 24 or 32f (float) [default: 32f for wav, 24 for flac].")
 @click.option("--clip", type=click.Choice(_registry("umxtools.stems", "CLIP_MODES")), default="clip", show_default=True,
               help="Integer output beyond full scale: clip it (with a warning) or rescale the track's stems by one gain.")
-@click.option("--shard", default=None, metavar="K/N", help="Separate only inputs i with i % N == K (one Slurm array task each).")
+@_shard_option("inputs")
 @click.option("--force", is_flag=True, help="Replace earlier separations (folders holding separation.json) of the same inputs.")
 # the variable is umxtools.models.loading.TRUST_ENV, written out so that --help does not import torch
 @click.option("--trust-code", is_flag=True, envvar="UMXTOOLS_TRUST_CODE",
               help="Run the Python code a model folder's model.json names (its own .py file or a module outside umxtools); "
                    "only for model folders you trust. Env: UMXTOOLS_TRUST_CODE=1.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_quiet_option
 def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path, model: str, model_config: Path | None, targets: str | None, niter: int,
                      softmask: bool, residual: bool, wiener_win_len: int, aggregate: tuple[str, ...], segment: float | None,
                      overlap: float, shifts: int, seed: int, batch_size: int | None, num_overlap: int | None, device: str, jobs: int, start: float, duration: float | None, keep_rate: bool, fmt: str,

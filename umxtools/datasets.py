@@ -85,7 +85,7 @@ def musdb_tracks(
     if not root.is_dir():
         raise DatasetError(root, "no such dataset folder")
     if split is not None and subsets != "train":
-        raise UsageError(None, "--split selects from the train subset; use it with --subsets train")
+        raise UsageError(None, "--split selects from the train subset: use it with --subset train alone (--split all for the others)")
     try:
         import musdb  # noqa: PLC0415  (imports stempeg, which needs ffmpeg)
     except Exception as exc:

@@ -15,14 +15,19 @@ targets present are scored jointly (BSSEval v4 projects each estimate on all ref
 group), and when both ``vocals`` and ``accompaniment`` are scored they form a second, separate
 group (museval's vocals/accompaniment scenario; the vocals scores of the first group are dropped).
 A single target cannot be scored (museval returns nothing for it). Estimates longer than the
-references are truncated and shorter ones zero-padded (``museval.pad_or_truncate``); frames where
+references are truncated and shorter ones zero-padded (``museval.pad_or_truncate``), the latter
+with a warning naming the file (a truncated file is what a killed writer leaves); frames where
 any reference or estimate of the group is silent are NaN (museval's rule); a source silent over
 the whole track is an error, as in museval.
 
 A track is the unit of work and of resume: its JSON is written atomically when it is scored, a
 run skips tracks whose JSON exists, fits the run's settings and whose estimate files did not
 change; ``jobs`` scores tracks in worker processes; ``shard`` takes every N-th track, so cluster
-array jobs can share one scores folder.
+array jobs can share one scores folder (a shard with no track is an error). Temporary score files
+of killed runs are removed under the track's lock; inside :func:`umxtools.interrupts.interruptible`
+a SIGTERM or SIGINT stops the workers at once and leaves only finished score files. In an
+estimates folder ``oracle`` made, a track it has not finished (no record, or missing while the
+references have it) is that track's error (:func:`umxtools.oracle.track_problem`).
 
 The scores folder is never one of the inputs (the estimates, the references), and is a folder
 ``eval`` made itself (:func:`umxtools.fileio.claim_folder`) or a new or empty one. There is no
@@ -46,13 +51,14 @@ import concurrent.futures as cf
 import multiprocessing
 import warnings
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from umxtools import __version__, fileio
+from umxtools import __version__, fileio, interrupts, oracle
 from umxtools.audio import _first_line
 from umxtools.errors import (
     AudioError,
@@ -247,6 +253,11 @@ def _load_audio(ref: ReferenceTrack, estimate_dir: Path, targets: list[str]):
         if _silent(reference):
             raise DatasetError(ref.where, f"reference {target!r} is silent over the whole track; BSSEval v4 cannot score "
                                "it (museval refuses silent sources): leave the target out with --targets")
+        if data.shape[0] < reference.shape[0]:
+            # a truncated file is what a writer that was killed leaves: never padded in silence
+            missing = reference.shape[0] - data.shape[0]
+            warnings.warn(f"{path}: {data.shape[0]} samples, {missing} ({missing / ref.rate:.2f} s) shorter than the "
+                          f"reference; zero-padded as museval does (a truncated file? make it again)", stacklevel=2)
         estimate = fit_length(data, reference.shape[0])
         if _silent(estimate):
             raise AudioError(path, "silent over the whole track (all zeros); BSSEval v4 cannot score it (museval "
@@ -338,13 +349,16 @@ class _Job:
     backend: str
 
 
-def _score_job(job: _Job) -> tuple[str, str | UmxError, float]:
-    """Worker entry point: the JSON text or the error (returned, not raised: the run goes on)."""
-    try:
-        doc = score_track(job.references, job.track, job.estimate_dir, list(job.targets), job.backend)
-    except UmxError as exc:
-        return job.track, exc, 0.0
-    return job.track, to_json(doc), doc["umxtools"]["duration_s"]
+def _score_job(job: _Job) -> tuple[str, str | UmxError, float, list[str]]:
+    """Worker entry point: the JSON text or the error (returned, not raised: the run goes on), and
+    the warnings (returned too: the parent shows them, whatever process scored the track)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            doc = score_track(job.references, job.track, job.estimate_dir, list(job.targets), job.backend)
+        except UmxError as exc:
+            return job.track, exc, 0.0, [str(w.message) for w in caught]
+    return job.track, to_json(doc), doc["umxtools"]["duration_s"], [str(w.message) for w in caught]
 
 
 def estimate_tracks(estimates: str | Path, references: References) -> tuple[Path, list[str]]:
@@ -488,8 +502,21 @@ def evaluate_estimates(
     else:
         targets = discover_targets(base, tracks, references)
     if not bsseval_groups(targets):
-        raise UsageError(None, _single_target_problem(targets))
+        problem = _single_target_problem(targets)
+        if targets == [VOCALS] and any((base / name / f"residual{ESTIMATE_SUFFIX}").exists() for name in tracks):
+            # separate --residual of a vocals-only model: what is not vocals is the accompaniment
+            problem += ("; residual.wav is not a target: separate such a model again with --residual, which names it "
+                        "accompaniment.wav, or rename residual.wav to accompaniment.wav")
+        raise UsageError(None, problem)
     settings = _run_settings(backend, targets)
+    # a folder oracle made holds every track of its references once its run is complete: the
+    # tracks it lacks, and its tracks without their record, are a stopped oracle run's
+    oracle_folder = fileio.made_by(estimates) == "oracle"
+    if oracle_folder and oracle.made_for(estimates, references):
+        tracks = sorted(set(tracks) | reference_names)
+    selected = [name for i, name in enumerate(tracks) if shard.selects(i)]
+    if not selected:
+        raise UsageError(None, f"shard {shard} selects none of the {len(tracks)} tracks of {base}; use at most {len(tracks)} shards")
     # before any track is scored: the folder is eval's (or new) and can be written
     fileio.claim_folder(output, "eval")
     fileio.check_writable(output / references.prefix)
@@ -498,9 +525,7 @@ def evaluate_estimates(
     summary.references_without_estimates = len(reference_names - set(tracks))
     todo: list[_Job] = []
     seen: dict[str, tuple | None] = {}  # the score file each track had when this run looked
-    for i, name in enumerate(tracks):
-        if not shard.selects(i):
-            continue
+    for name in selected:
         estimate_dir = base / name
         try:
             fileio.check_name(name, "track", base)
@@ -511,6 +536,13 @@ def evaluate_estimates(
         if name not in reference_names:
             summary.failed.append(DatasetError(estimate_dir, f"no track {name!r} in the references ({_describe(references)})"))
             continue
+        if oracle_folder:
+            problem = oracle.track_problem(estimate_dir, None, None, targets)
+            if problem:
+                summary.failed.append(DatasetError(estimate_dir, f"{problem}; finish the folder first: run the umxtools "
+                                                   f"oracle command that writes {estimates} again (it redoes incomplete tracks)"))
+                continue
+        _remove_leftovers(path)
         seen[name] = _file_state(path)
         state = "todo" if force else _resume_state(path, settings, estimate_dir, targets)
         if state == "done":
@@ -520,21 +552,37 @@ def evaluate_estimates(
 
     if progress:
         progress("total", len(todo))
-    for track, result, seconds in _run_jobs(todo, jobs):
-        if isinstance(result, UmxError):
-            summary.failed.append(result)
-        else:
-            try:
-                _write_scores(score_path(output, references, track), result, seen[track], settings)
-            except (LockedError, ScoreError) as exc:  # this track only; a full disk stops the run
-                summary.failed.append(exc)
+    # closed here, not when the traceback is freed: an interrupted run stops its workers at once
+    with closing(_run_jobs(todo, jobs)) as results:
+        for track, result, seconds, notes in results:
+            for note in notes:
+                warnings.warn(note, stacklevel=2)
+            if isinstance(result, UmxError):
+                summary.failed.append(result)
             else:
-                summary.scored.append(track)
-                summary.seconds_scored += seconds
-        if progress:
-            progress("advance", 1)
+                try:
+                    _write_scores(score_path(output, references, track), result, seen[track], settings)
+                except (LockedError, ScoreError) as exc:  # this track only; a full disk stops the run
+                    summary.failed.append(exc)
+                else:
+                    summary.scored.append(track)
+                    summary.seconds_scored += seconds
+            if progress:
+                progress("advance", 1)
     summary.scored.sort()  # workers finish in any order
     return summary
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove the temporary score files of ``path`` that killed runs left (under its lock; a
+    track another process holds now keeps its files)."""
+    if not fileio.leftovers(path):
+        return
+    try:
+        with fileio.exclusive(path):
+            fileio.remove_leftovers(path)
+    except LockedError:
+        pass
 
 
 def _write_scores(path: Path, text: str, seen: tuple | None, settings: dict) -> None:
@@ -544,6 +592,7 @@ def _write_scores(path: Path, text: str, seen: tuple | None, settings: dict) -> 
     the write hold the track's lock, so two runs cannot both pass the check and then both write.
     """
     with fileio.exclusive(path):
+        fileio.remove_leftovers(path)  # a killed writer's temporaries: no live one exists under the lock
         if _file_state(path) != seen:
             try:
                 problem = _settings_problem(read_scores(path), settings)
@@ -573,16 +622,35 @@ def _run_jobs(todo: list[_Job], jobs: int):
     # 1 and 2 OpenBLAS threads), so --jobs N must run the very arithmetic --jobs 1 runs.
     # OMP_NUM_THREADS=1 or OPENBLAS_NUM_THREADS=1, set by the user, applies to both.
     ctx = multiprocessing.get_context("spawn")
-    pool = cf.ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx)
+    pool = cf.ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx, initializer=interrupts.ignore_sigint)
     try:
         futures = [pool.submit(_score_job, job) for job in todo]
         for future in cf.as_completed(futures):
             try:
                 result = future.result()
             except cf.process.BrokenProcessPool as exc:
+                interrupts.raise_if_received()  # a worker ended by the SIGTERM that stops this run
                 raise ScoreError(None, "a scoring worker process died (out of memory?); the tracks scored so far "
                                  "are saved: run again to resume, with fewer --jobs") from exc
             yield result
     finally:
-        # on an error or Ctrl-C: drop the queued tracks; finished ones are already written
+        if interrupts.received() is not None:
+            _stop_workers(pool)  # SIGTERM or Ctrl-C: do not finish the tracks in flight
+        # on an error: drop the queued tracks; finished ones are already written
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop_workers(pool: cf.ProcessPoolExecutor) -> None:
+    """Terminate a pool's workers now (what ProcessPoolExecutor.terminate_workers does in Python 3.14)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        try:
+            process.terminate()
+        except (ProcessLookupError, ValueError):  # gone already, or closed
+            continue
+    for process in processes:
+        try:
+            process.join(timeout=10)
+        except (AssertionError, ValueError):
+            continue

@@ -25,6 +25,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -74,6 +75,37 @@ def temp_path(path: str | Path, suffix: str = ".tmp") -> Path:
     """A temporary name beside ``path``, unique to this process and call (pid and random bits)."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
+def leftovers(path: str | Path, suffix: str = ".tmp") -> list[Path]:
+    """The temporaries of ``path`` (:func:`temp_path` names with ``suffix``) that exist now.
+
+    Only names :func:`temp_path` makes for ``path`` itself match (not those of ``path.x``). They
+    are a killed writer's only while no live one can exist: call this holding
+    :func:`exclusive` on ``path``, the lock every writer of ``path`` holds.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.\d+-[0-9a-f]{{8}}{re.escape(suffix)}")
+    try:
+        return sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name))
+    except OSError:
+        return []  # no folder yet: nothing left over
+
+
+def remove_leftovers(path: str | Path, suffix: str = ".tmp") -> list[Path]:
+    """Remove :func:`leftovers` of ``path`` (files or folders); call it holding :func:`exclusive`."""
+    found = leftovers(path, suffix)
+    for item in found:
+        try:
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise output_error(item, exc) from exc
+    return found
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -153,12 +185,14 @@ def lock_path(path: str | Path) -> Path:
 
 
 @contextmanager
-def exclusive(path: str | Path) -> Iterator[None]:
+def exclusive(path: str | Path, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (through ``.<name>.lock`` beside it) for the block.
 
     Raises :class:`LockedError` at once, naming the holder's pid and host, when another process
-    holds it. The lock file is removed on release; a process killed while holding it leaves the
-    file but not the lock (the kernel releases ``flock`` locks of dead processes).
+    holds it; with ``wait``, waits for it instead (for short critical sections that processes of
+    one job take in turn, such as shards claiming their shared folder). The lock file is removed
+    on release; a process killed while holding it leaves the file but not the lock (the kernel
+    releases ``flock`` locks of dead processes).
     """
     path = Path(path)
     lock = lock_path(path)
@@ -172,7 +206,7 @@ def exclusive(path: str | Path) -> Iterator[None]:
         except OSError as exc:
             raise output_error(lock, exc) from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
@@ -180,6 +214,9 @@ def exclusive(path: str | Path) -> Iterator[None]:
         except OSError as exc:
             os.close(fd)
             raise output_error(lock, exc) from exc
+        except BaseException:  # a signal while waiting (umxtools.interrupts): no descriptor leaks
+            os.close(fd)
+            raise
         # the holder we waited on may have removed the file before we locked it: lock the file
         # that is there now, or two processes would each hold a lock on a different inode
         try:

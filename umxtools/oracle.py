@@ -28,19 +28,28 @@ Audio is umxtools' float64 ``(nb_channels, nb_samples)`` here; STFTs are
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from umxtools import __version__, audio, fileio
-from umxtools.errors import DatasetError, OutputError, UsageError
+from umxtools.errors import DatasetError, LockedError, OutputError, UmxError, UsageError
 from umxtools.references import ACCOMPANIMENT, VOCALS, References
+
+if TYPE_CHECKING:
+    from umxtools.cache import Shard
 
 NFFT = 2048  # the reference's nperseg; scipy's default overlap is half of it
 EPS = np.finfo(np.float64).eps  # the reference's guard against division by zero
 MANIFEST = "umxtools-oracle.json"
+RECORD = "oracle.json"  # per track, written last: the track is complete when it is there
+RECORD_FORMAT = "umxtools-oracle-track"
 _MWF_BLOCK = 1024  # frames per block of the Wiener filter: bounds memory on long tracks
 
 Method = Callable[[np.ndarray, dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -157,31 +166,55 @@ def oracle_estimates(method: str, mixture: np.ndarray, sources: dict[str, np.nda
     return estimates
 
 
+@dataclass
+class OracleSummary:
+    """What :func:`write_oracle` did, track by track."""
+
+    output: Path
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # complete before this run
+    failed: list[UmxError] = field(default_factory=list)  # another process is writing the track
+
+
 def write_oracle(
     references: References,
     method: str,
     output: str | Path,
     targets: list[str] | None = None,
+    shard: Shard | None = None,
     force: bool = False,
     progress: Callable[[str, int], None] | None = None,
-) -> Path:
+) -> OracleSummary:
     """Write ``method``'s estimates of every reference track as an estimates folder.
 
     Layout: ``output/<subset>/<track>/<target>.wav`` for MUSDB18 references,
-    ``output/<track>/<target>.wav`` for a folder (museval's layout), 32-bit float WAV, plus
-    ``output/umxtools-oracle.json`` describing the method and the references.
+    ``output/<track>/<target>.wav`` for a folder (museval's layout), 32-bit float WAV, a record
+    ``<track>/oracle.json`` per track (:data:`RECORD`) and ``output/umxtools-oracle.json``
+    describing the method and the references.
 
     ``output`` must be new, empty, or a folder ``oracle`` made (its :data:`umxtools.fileio.MARKER`);
-    it is never the dataset, inside it or around it. A rerun with the same method and references
-    writes over its own estimates; one with another method or other references is refused
-    unless ``force``, which then removes the folder ``oracle`` made before writing it again (so
-    no estimate of the old method stays beside the new ones). A folder of anything else (a
-    model's estimates, a dataset) is refused, ``force`` or not. Returns ``output``.
+    it is never the dataset, inside it or around it. A folder of another method or other
+    references is refused unless ``force``, which then removes the folder ``oracle`` made before
+    writing it again (so no estimate of the old method stays beside the new ones). A folder of
+    anything else (a model's estimates, a dataset) is refused, ``force`` or not.
+
+    Requeue-safe, track by track: a track is written into a staging folder beside its own
+    (``.<track>.<pid>-<random>.partial``) and renamed into place with its record, under the
+    track's lock (:func:`umxtools.fileio.exclusive`); a track whose record says it is complete
+    (this method, these references, the targets asked for, files of the recorded sizes) is
+    skipped unless ``force``, and staging folders of killed runs are removed when their track is
+    next visited. An exception (:class:`umxtools.interrupts.Interrupted` included) removes the
+    staging folder of the track being written; finished tracks stay. ``shard`` writes tracks
+    ``i`` (sorted by name) with ``i % N == K``; shards share ``output``. A track another process
+    is writing is skipped and reported in ``failed``.
     """
+    from umxtools.cache import Shard  # noqa: PLC0415  (h5py: only when estimates are written)
+
     if method not in METHODS:
         raise UsageError(None, f"unknown oracle method {method!r}; one of {', '.join(METHODS)}")
     for target in targets or ():
         fileio.check_name(target, "target")
+    shard = shard or Shard()
     output = Path(output)
     manifest = {"format": "umxtools-oracle", "method": method, "references": references.describe(),
                 "stft": {"library": "scipy.signal.stft", "nperseg": NFFT, "window": "hann", "hop": NFFT // 2},
@@ -190,27 +223,122 @@ def write_oracle(
     names = references.track_names()
     for name in names:
         fileio.check_name(name, "track", references.root)
-    _claim(output, manifest, force)
+    selected = [name for i, name in enumerate(names) if shard.selects(i)]
+    if not selected:
+        raise UsageError(None, f"shard {shard} selects none of the {len(names)} tracks of {references.root}; "
+                               f"use at most {len(names)} shards")
+    # shards of one array start together: the claim (and a --force removal) happens under the
+    # manifest's lock, taken in turn, so none sees another's marker without its manifest
+    if output.exists() and not output.is_dir():
+        raise OutputError(output, "is a file, not a folder")
+    with fileio.exclusive(output / MANIFEST, wait=True):
+        _claim(output, manifest, force)
+        fileio.write_text(output / MANIFEST, json.dumps(manifest, indent=2))
+    summary = OracleSummary(output)
     if progress:
-        progress("total", len(names))
-    fileio.write_text(output / MANIFEST, json.dumps(manifest, indent=2))
-    for name in names:
-        ref = references.load(name)
-        sources = {s: ref.source(s).T for s in ref.source_names}
-        try:
-            estimates = oracle_estimates(method, ref.mixture().T, sources)
-        except (ValueError, FloatingPointError) as exc:  # numpy's LinAlgError is a ValueError
-            raise DatasetError(ref.where, f"oracle {method} cannot be computed for this track ({exc})") from exc
-        wanted = targets or list(estimates)
-        unknown = [t for t in wanted if t not in estimates]
-        if unknown:
-            raise UsageError(None, f"no oracle estimate for target(s) {', '.join(unknown)}; {method} gives {', '.join(estimates)}")
+        progress("total", len(selected))
+    for name in selected:
         folder = output / references.prefix / name
-        for target in wanted:
-            _write_estimate(fileio.safe_child(folder, f"{target}.wav", "target", ref.where), estimates[target], ref.rate)
+        try:
+            with fileio.exclusive(folder):
+                fileio.remove_leftovers(folder, ".partial")  # staging folders of killed runs
+                if not force and track_problem(folder, method, references, targets) is None:
+                    summary.skipped.append(name)
+                else:
+                    _write_track(references, name, method, folder, targets)
+                    summary.written.append(name)
+        except LockedError as exc:
+            summary.failed.append(exc)
         if progress:
             progress("advance", 1)
-    return output
+    return summary
+
+
+def _write_track(references: References, name: str, method: str, folder: Path, targets: list[str] | None) -> None:
+    """Compute one track's estimates into a staging folder, then put it in place of ``folder``."""
+    ref = references.load(name)
+    sources = {s: ref.source(s).T for s in ref.source_names}
+    try:
+        estimates = oracle_estimates(method, ref.mixture().T, sources)
+    except (ValueError, FloatingPointError) as exc:  # numpy's LinAlgError is a ValueError
+        raise DatasetError(ref.where, f"oracle {method} cannot be computed for this track ({exc})") from exc
+    wanted = targets or list(estimates)
+    unknown = [t for t in wanted if t not in estimates]
+    if unknown:
+        raise UsageError(None, f"no oracle estimate for target(s) {', '.join(unknown)}; {method} gives {', '.join(estimates)}")
+    staging = fileio.temp_path(folder, ".partial")
+    try:
+        try:
+            staging.mkdir(parents=True)
+        except OSError as exc:
+            raise fileio.output_error(folder, exc) from exc
+        files = {}
+        for target in wanted:
+            path = fileio.safe_child(staging, f"{target}.wav", "target", ref.where)
+            _write_estimate(path, estimates[target], ref.rate, folder / path.name)
+            files[target] = path.stat().st_size
+        record = {"format": RECORD_FORMAT, "track": name, "method": method, "references": references.describe(),
+                  "targets": wanted, "every_target": targets is None, "files": files, "umxtools_version": __version__}
+        fileio.write_json(staging / RECORD, record, indent=2)  # last: what makes the track complete
+        try:
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                raise OutputError(folder, "is not a track folder oracle wrote (a link or a file); remove it yourself")
+            if folder.exists():  # an incomplete or outdated track of this oracle folder
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+        except OSError as exc:
+            raise fileio.output_error(folder, exc) from exc
+    finally:
+        if staging.exists():  # any error, Interrupted included: no partial folder stays
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def track_problem(folder: str | Path, method: str | None, references: References | None, targets: list[str] | None) -> str | None:
+    """Why ``folder`` does not hold complete oracle estimates of ``targets`` (None: it does).
+
+    Complete: ``folder/oracle.json`` exists and records ``method`` and ``references`` (when not
+    None), every target of ``targets`` (None: every estimate the method gives), and files of the
+    recorded sizes. ``umxtools eval`` asks this of every track of a folder ``oracle`` made.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "no estimates of this track"
+    try:
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        return f"incomplete oracle estimates (no {RECORD}: the run writing them was stopped, or an older umxtools wrote them)"
+    if method is not None and record.get("method") != method:
+        return f"{record.get('method')} estimates, not {method}"
+    if references is not None and record.get("references") != references.describe():
+        return "estimates of other references"
+    recorded = record.get("targets") if isinstance(record.get("targets"), list) else []
+    if targets is None and not record.get("every_target"):
+        return f"estimates of {', '.join(map(str, recorded))} only"
+    missing = [t for t in targets or () if t not in recorded]
+    if missing:
+        return f"no oracle estimate of {', '.join(missing)}"
+    files = record.get("files") if isinstance(record.get("files"), dict) else {}
+    for target in recorded:
+        try:
+            size = (folder / f"{target}.wav").stat().st_size
+        except OSError:
+            return f"{target}.wav is missing"
+        if size != files.get(target):
+            return f"{target}.wav changed since oracle wrote it"
+    return None
+
+
+def made_for(estimates: str | Path, references: References) -> bool:
+    """Whether ``estimates`` is a folder ``oracle`` made from ``references`` (so it holds every track)."""
+    if fileio.made_by(estimates) != "oracle":
+        return False
+    try:
+        manifest = json.loads((Path(estimates) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("references") == references.describe()
 
 
 def _claim(output: Path, manifest: dict, force: bool) -> None:
@@ -234,11 +362,14 @@ def _claim(output: Path, manifest: dict, force: bool) -> None:
     fileio.claim_folder(output, "oracle")
 
 
-def _write_estimate(path: Path, estimate: np.ndarray, rate: int) -> None:
+def _write_estimate(path: Path, estimate: np.ndarray, rate: int, final: Path) -> None:
+    """Write one estimate at ``path`` (in the staging folder); errors name ``final``, its place."""
     import soundfile as sf  # noqa: PLC0415
 
     try:
         audio.write(path, estimate, rate)
     except sf.SoundFileError as exc:
         # libsndfile reports a write that failed midway (a full disk, a quota) as a "System error"
-        raise OutputError(path, f"cannot write the estimate ({audio._first_line(exc)}); check the free space and quota there") from exc
+        raise OutputError(final, f"cannot write the estimate ({audio._first_line(exc)}); check the free space and quota there") from exc
+    except OutputError as exc:
+        raise OutputError(final, exc.problem) from exc

@@ -37,6 +37,8 @@ ACCOMPANIMENT = "accompaniment"
 LINEAR_MIXTURE = "linear_mixture"
 # musdb's targets in musdb's order (musdb/configs/mus.yaml): the order museval stacks them in
 MUSDB_TARGETS = ("vocals", "drums", "bass", "other", ACCOMPANIMENT, LINEAR_MIXTURE)
+# musdb's subsets (musdb.DB(subsets=...)): the folders of a MUSDB18 root
+MUSDB_SUBSETS = ("train", "test")
 
 
 class ReferenceTrack:
