@@ -149,7 +149,7 @@ def _build(refs, sources, meta, out, dtype, compression, chunk_frames, waveforms
                            compression=compression, chunk_frames=chunk_frames, waveforms=waveforms, resample=resample)
     with _progress(f"caching {out.name}", quiet) as progress:
         path = build_cache(refs, out, sources, options, meta=meta, shard=Shard.parse(shard), jobs=jobs, force=force,
-                           command=["umxtools", *sys.argv[1:]], progress=progress)
+                           command=["umxtools", *sys.argv[1:]], progress=progress, note=_note)
     click.echo(str(path))
 
 
