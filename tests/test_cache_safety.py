@@ -106,9 +106,11 @@ def test_a_parts_folder_with_foreign_files_is_never_emptied(run_cli, tiny_root, 
     assert sorted(p.name for p in parts.iterdir()) == ["manifest.json", "notes.txt"]
 
 
-def test_a_failed_build_names_its_parts_folder_and_the_rerun_says_what_it_reused(run_cli, toy_copy, tmp_path):
+def test_a_failed_build_names_its_parts_folder_and_the_rerun_says_what_it_reused(run_cli, tmp_path):
     """A failed build left a hidden .X.h5.parts/ folder its error did not mention, and the rerun
     that resumed from it said nothing about it."""
+    toy_copy = tmp_path / "toy"
+    make_toy_dataset(toy_copy, tracks=4, seconds=1.0, seed=2, test_tracks=0)
     bass = toy_copy / "train" / "toy_002" / "bass.wav"
     good = bass.read_bytes()
     bass.write_bytes(good[:100])  # cut short by a failed copy
