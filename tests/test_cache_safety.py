@@ -106,6 +106,40 @@ def test_a_parts_folder_with_foreign_files_is_never_emptied(run_cli, tiny_root, 
     assert sorted(p.name for p in parts.iterdir()) == ["manifest.json", "notes.txt"]
 
 
+def test_a_failed_build_names_its_parts_folder_and_the_rerun_says_what_it_reused(run_cli, tmp_path):
+    """A failed build left a hidden .X.h5.parts/ folder its error did not mention, and the rerun
+    that resumed from it said nothing about it."""
+    toy_copy = tmp_path / "toy"
+    make_toy_dataset(toy_copy, tracks=4, seconds=1.0, seed=2, test_tracks=0)
+    bass = toy_copy / "train" / "toy_002" / "bass.wav"
+    good = bass.read_bytes()
+    bass.write_bytes(good[:100])  # cut short by a failed copy
+    out = tmp_path / "c.h5"
+    parts = tmp_path / ".c.h5.parts"
+    args = ("cache", "musdb", toy_copy, "--is-wav", "--split", "all", "--no-waveforms", "-q", "-o", out)
+    r = run_cli(*args)
+    assert error_line(r).endswith(f"; the 2 finished track(s) are kept in {parts}/ and the same command resumes from them"), r.err
+    assert sorted(p.name for p in parts.iterdir()) == ["manifest.json", "track-00000.h5", "track-00001.h5"]
+    bass.write_bytes(good)
+    vocals = toy_copy / "train" / "toy_000" / "vocals.wav"
+    os.utime(vocals, ns=(vocals.stat().st_atime_ns, vocals.stat().st_mtime_ns + 10**9))  # re-exported meanwhile
+    r = run_cli(*args)
+    assert (r.code, r.out) == (0, f"{out}\n")
+    assert r.err.splitlines() == [f"umxtools: note: {out}: 1 finished track(s) in {parts}/ have input files that changed since; "
+                                  "rebuilding them",
+                                  f"umxtools: note: {out}: resuming: 1 of 4 tracks already built in {parts}/"]
+    assert check_cache(out).ok and not parts.exists()
+
+    # other flags: the earlier build's parts are no use, and the rerun says it threw them away
+    bass.write_bytes(good[:100])
+    r = run_cli(*args, "--force")
+    assert r.code == 1 and parts.is_dir()
+    bass.write_bytes(good)
+    r = run_cli(*args[:-2], "--dtype", "float32", "--force", "-q", "-o", out)
+    assert (r.code, r.err) == (0, f"umxtools: note: {out}: {parts}/ held 2 finished track(s) of another build (other flags, tracks "
+                                  "or dataset); discarded, building from scratch\n")
+
+
 # --- inputs are never outputs ------------------------------------------------------------------
 
 
@@ -268,16 +302,21 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporaries(tiny_root, small_fs, 
     out = fs / "c.h5"
     build = _umx("cache", "musdb", tiny_root, "--is-wav", "--split", "all", "-q", "-j", jobs, "-o", out)
     stdout, stderr = build.communicate(timeout=300)
-    assert (build.returncode, stdout, stderr) == (1, "", f"umxtools: error: {out}: no space left on device\n")
+    # the finished tracks wait in a hidden folder: the error names it (none finished: no folder)
+    kept = f"; the 2 finished track(s) are kept in {fs / '.c.h5.parts'}/ and the same command resumes from them" if size == "14m" else ""
+    assert (build.returncode, stdout, stderr) == (1, "", f"umxtools: error: {out}: no space left on device{kept}\n")
     left = sorted(str(p.relative_to(fs)) for p in fs.rglob("*"))
     assert not [p for p in left if p.endswith((".tmp", ".lock")) or p == "c.h5"], left
     if size == "14m":
         assert left == [".c.h5.parts", ".c.h5.parts/manifest.json", ".c.h5.parts/track-00000.h5", ".c.h5.parts/track-00001.h5"]
+    else:
+        assert left == []
     # space freed: the same command resumes from the parts and finishes
     subprocess.run(["mount", "-o", "remount,size=64m", str(fs)], check=True)
     build = _umx("cache", "musdb", tiny_root, "--is-wav", "--split", "all", "-q", "-j", jobs, "-o", out)
     stdout, stderr = build.communicate(timeout=300)
-    assert (build.returncode, stderr) == (0, ""), stderr
+    resumed = f"umxtools: note: {out}: resuming: 2 of 2 tracks already built in {fs / '.c.h5.parts'}/\n" if size == "14m" else ""
+    assert (build.returncode, stderr) == (0, resumed), stderr
     assert check_cache(out).ok and sorted(p.name for p in fs.iterdir()) == ["c.h5"]
 
 
@@ -311,7 +350,8 @@ def test_an_unexpected_decoding_failure_is_one_line(run_cli, tiny_root, tmp_path
     r = run_cli("cache", "musdb", tiny_root, "--is-wav", "--split", "all", "-q", "-o", out)
     first = tiny_root / "train" / "toy_000" / "mixture.wav"
     assert error_line(r) == f"umxtools: error: {first}: encoding track 'toy_000' failed (RuntimeError: cuFFT internal error)"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.h5.parts"]  # kept for the resume; no lock, no temporaries
+    # no track finished: nothing to resume, so no hidden parts folder either; no lock, no temporaries
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 DYING = '''

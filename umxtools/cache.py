@@ -67,6 +67,7 @@ STD_REL_FLOOR = 1e-4
 CHUNK_FRAMES = 64
 
 Progress = Callable[[str, int], None]
+Note = Callable[[str], None]  # a message for the user ("PATH: ..."), printed even without progress
 
 
 @dataclass(frozen=True)
@@ -380,14 +381,17 @@ def build_cache(
     force: bool = False,
     command: list[str] | None = None,
     progress: Progress | None = None,
+    note: Note | None = None,
 ) -> Path:
     """Build a cache of ``refs`` (the tracks of ``shard``) at ``out``; returns ``out``.
 
     ``sources`` names the cache's sources (each track holds all or, for source-folder and
     variable-source datasets, some of them). ``meta`` records where the tracks came from (dataset
-    kind, root, split). Resumes an interrupted build of the same command. Refused: an ``out``
-    inside the dataset or equal to one of its files, an existing ``out`` without ``force``, an
-    existing file that is not a cache even with ``force``, an output another process is building.
+    kind, root, split). Resumes an interrupted build of the same command, and tells ``note`` what
+    it reused and what it discarded. A failed build keeps its finished tracks in the parts
+    folder ``.<out name>.parts/`` and its error says so. Refused: an ``out`` inside the dataset
+    or equal to one of its files, an existing ``out`` without ``force``, an existing file that
+    is not a cache even with ``force``, an output another process is building.
     """
     out = Path(out)
     meta = dict(meta or {})
@@ -401,38 +405,80 @@ def build_cache(
         _remove_dead_temporaries(out)
         work = _parts_folder(out)
         try:
-            _open_parts(work, _identity(refs, options, sources, shard, meta), command)
-            todo = []
-            for i, ref in selected:
-                part = work / f"track-{i:05d}.h5"
-                if part.exists() and not _part_is_current(part):
-                    part.unlink()
-                if not part.exists():
-                    todo.append((ref, i, options))
-            if progress:
-                progress("total", len(selected))
-                progress("advance", len(selected) - len(todo))
-            with closing(_encoded(todo, jobs)) as encoded:
-                for payload in encoded:
-                    _write_part(work / f"track-{payload['index']:05d}.h5", payload, options)
-                    if progress:
-                        progress("advance", 1)
-        except OSError as exc:
-            raise fileio.output_error(out, exc) from exc
-        except OutputError as exc:
-            if exc.path is not None and Path(exc.path).parent == work:
-                # a part file or the manifest: the parts folder is the build's business, the output the user's
-                raise OutputError(out, exc.problem) from exc
-            raise
-        attrs = {
-            **_root_attrs(options, sources, command),
-            "dataset": json.dumps(meta, sort_keys=True),
-            "total_tracks": len(refs),
-            "shard": str(shard) if shard.count > 1 else "",
-        }
-        _assemble(out, [(work / f"track-{i:05d}.h5", "track") for i, _ in selected], attrs)
+            try:
+                discarded = _open_parts(work, _identity(refs, options, sources, shard, meta), command)
+                todo, changed = [], 0
+                for i, ref in selected:
+                    part = work / f"track-{i:05d}.h5"
+                    if part.exists() and not _part_is_current(part):
+                        part.unlink()
+                        changed += 1
+                    if not part.exists():
+                        todo.append((ref, i, options))
+                if note:
+                    for message in _resume_notes(out, work, len(selected), len(selected) - len(todo), changed, discarded):
+                        note(message)
+                if progress:
+                    progress("total", len(selected))
+                    progress("advance", len(selected) - len(todo))
+                with closing(_encoded(todo, jobs)) as encoded:
+                    for payload in encoded:
+                        _write_part(work / f"track-{payload['index']:05d}.h5", payload, options)
+                        if progress:
+                            progress("advance", 1)
+            except OSError as exc:
+                raise fileio.output_error(out, exc) from exc
+            except OutputError as exc:
+                if exc.path is not None and Path(exc.path).parent == work:
+                    # a part file or the manifest: the parts folder is the build's business, the output the user's
+                    raise OutputError(out, exc.problem) from exc
+                raise
+            attrs = {
+                **_root_attrs(options, sources, command),
+                "dataset": json.dumps(meta, sort_keys=True),
+                "total_tracks": len(refs),
+                "shard": str(shard) if shard.count > 1 else "",
+            }
+            _assemble(out, [(work / f"track-{i:05d}.h5", "track") for i, _ in selected], attrs)
+        except UmxError as exc:
+            raise _with_kept_parts(exc, work) from exc
         _clear_parts(work, remove=True)
     return out
+
+
+def _resume_notes(out: Path, work: Path, total: int, reused: int, changed: int, discarded: int) -> list[str]:
+    """What a build reuses from an earlier, interrupted one, and what it threw away."""
+    notes = []
+    if discarded:
+        notes.append(f"{out}: {work}/ held {discarded} finished track(s) of another build (other flags, tracks or dataset); "
+                     "discarded, building from scratch")
+    if changed:
+        notes.append(f"{out}: {changed} finished track(s) in {work}/ have input files that changed since; rebuilding them")
+    if reused:
+        notes.append(f"{out}: resuming: {reused} of {total} tracks already built in {work}/")
+    return notes
+
+
+def _finished_parts(work: Path) -> int:
+    try:
+        return sum(1 for p in work.iterdir() if _PART.fullmatch(p.name))
+    except OSError:
+        return 0
+
+
+def _with_kept_parts(exc: UmxError, work: Path) -> UmxError:
+    """``exc``, saying where the finished tracks wait for the next run (a hidden folder a user
+    would not find otherwise); the folder is removed instead when it holds no finished track."""
+    if _finished_parts(work) == 0:
+        try:
+            _clear_parts(work, remove=True)
+        except UmxError:
+            pass  # a foreign file in it, or the disk that failed: the folder stays, and so does the first error
+        return exc
+    if str(work) in str(exc):
+        return exc  # the error is about the parts folder itself (a foreign file, a damaged part): it names it
+    return type(exc)(exc.path, f"{exc.problem}; the {_finished_parts(work)} finished track(s) are kept in {work}/ "
+                               "and the same command resumes from them")
 
 
 def _dataset_inputs(refs: list[TrackRef], meta: dict) -> list[str]:
@@ -485,18 +531,23 @@ _PART = re.compile(r"track-\d+\.h5")
 _MANIFEST = "manifest.json"
 
 
-def _open_parts(work: Path, identity: str, command: list[str] | None) -> None:
-    """Make ``work`` hold the parts of the build ``identity``: kept if it already does, else emptied."""
+def _open_parts(work: Path, identity: str, command: list[str] | None) -> int:
+    """Make ``work`` hold the parts of the build ``identity``: kept if it already does, else
+    emptied. Returns how many finished parts of another build were deleted."""
     manifest = work / _MANIFEST
+    discarded = 0
     if work.exists():
         try:
             same = json.loads(manifest.read_text())["identity"] == identity
         except (OSError, ValueError, KeyError, TypeError):
             same = False
+        if not same:
+            discarded = _finished_parts(work)
         _clear_parts(work, remove=False, keep_parts=same)
     work.mkdir(exist_ok=True)
     if not manifest.exists():
         fileio.write_json(manifest, {"identity": identity, "command": command})
+    return discarded
 
 
 def _clear_parts(work: Path, remove: bool, keep_parts: bool = False) -> None:

@@ -309,7 +309,8 @@ def read_history(path: Path) -> list[dict]:
 
 
 def write_curves(files: RunFiles) -> None:
-    """``curves.png``: train (dashed) and valid (solid) loss per epoch of every run in the folder."""
+    """``curves.png``: train (dashed) and valid (solid) loss per epoch of every run in the folder,
+    the epoch of the kept weights marked (on the train loss for a run without validation)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")  # no display: training runs on servers
@@ -329,14 +330,17 @@ def write_curves(files: RunFiles) -> None:
     for k, (name, rows) in enumerate(runs.items()):
         color = f"C{k % 10}"
         epochs = [r["epoch"] for r in rows]
+        validated = any("valid_loss" in r for r in rows)  # a run without --valid has none
         for key, style in (("train_loss", "--"), ("valid_loss", "-")):
+            if key == "valid_loss" and not validated:
+                continue
             ys = [r.get(key, math.nan) for r in rows]
             values += [y for y in ys if math.isfinite(y)]
             ax.plot(epochs, ys, style, color=color, label=f"{name} {key.split('_')[0]}")
         best = [r["epoch"] for r in rows if r.get("best")]
         if best:
             row = next(r for r in rows if r["epoch"] == best[-1])
-            ax.plot([best[-1]], [row["valid_loss"]], "o", color=color)
+            ax.plot([best[-1]], [row["valid_loss" if validated else "train_loss"]], "o", color=color)
     if values and min(values) > 0:
         ax.set_yscale("log")  # MSE losses span decades; SDR losses are negative and stay linear
         ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))

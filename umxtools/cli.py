@@ -66,6 +66,12 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     click.echo(f"umxtools: warning: {message}", err=True)
 
 
+def _note(message: str) -> None:
+    """``umxtools: note: PATH: message`` on stderr, also with ``-q``: what a command did that the
+    user may not expect (nothing at all, work reused, a default that changes the result)."""
+    stderr.print(f"umxtools: note: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
 @contextmanager
 def _progress(description: str, quiet: bool):
     """A rich progress bar on stderr driven by the library's ``progress(event, n)`` callback."""
@@ -214,7 +220,7 @@ def _jobs_option(f):
 
 
 def _quiet_option(f):
-    return click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but warnings and errors (no progress, no summary).")(f)
+    return click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but notes, warnings and errors (no progress, no summary).")(f)
 
 
 def _references_options(f):
@@ -288,7 +294,7 @@ def _build(refs, sources, meta, out, dtype, compression, chunk_frames, waveforms
                            compression=compression, chunk_frames=chunk_frames, waveforms=waveforms, resample=resample)
     with _progress(f"caching {out.name}", quiet) as progress:
         path = build_cache(refs, out, sources, options, meta=meta, shard=Shard.parse(shard), jobs=jobs, force=force,
-                           command=["umxtools", *sys.argv[1:]], progress=progress)
+                           command=["umxtools", *sys.argv[1:]], progress=progress, note=_note)
     click.echo(str(path))
 
 
@@ -450,12 +456,13 @@ def _key_values(items: tuple[str, ...], flag: str) -> dict:
 class _TrainProgress:
     """Renders :func:`umxtools.training.train`'s events on stderr: a transient rich bar per epoch
     (batch, loss, samples/s) on a terminal, and one permanent log line per epoch (what a cluster
-    job's log file keeps)."""
+    job's log file keeps). ``quiet`` (``-q``) keeps only the notes."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"), TimeElapsedColumn())
-        self.bar = Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal)
+        self.bar = Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal)
+        self.quiet = quiet
         self.task = None
 
     def __enter__(self):
@@ -466,7 +473,11 @@ class _TrainProgress:
         return self.bar.__exit__(*exc)
 
     def __call__(self, event: str, info: dict) -> None:
-        if event == "start":
+        if event == "note":
+            _note(info["message"])
+        elif self.quiet:
+            return
+        elif event == "start":
             verb = "resuming" if info["resumed"] else "training"
             stderr.print(f"{verb} {', '.join(info['targets'])}: {info['model']} ({info['parameters'] / 1e6:.2f} M parameters) on "
                          f"{info['device']}" + (f" x {info['world_size']} processes" if info["world_size"] > 1 else "")
@@ -481,8 +492,10 @@ class _TrainProgress:
             if self.task is not None:
                 self.bar.remove_task(self.task)
                 self.task = None
-            mark = "  best" if info["best"] else ""
-            stderr.print(f"epoch {info['epoch']}/{info['epochs']}  train {info['train_loss']:.5g}  valid {info['valid_loss']:.5g}  "
+            validated = info["valid_loss"] is not None  # None: training without --valid
+            mark = "  best" if info["best"] and validated else ""
+            valid = f"  valid {info['valid_loss']:.5g}" if validated else ""
+            stderr.print(f"epoch {info['epoch']}/{info['epochs']}  train {info['train_loss']:.5g}{valid}  "
                          f"lr {info['lr']:.2g}  {info['seconds']:.1f} s  {info['samples_per_s']:.1f} samples/s  "
                          f"data wait {100 * info['data_wait']:.0f}%{mark}", highlight=False, soft_wrap=True)
         elif event == "stop":
@@ -491,8 +504,9 @@ class _TrainProgress:
 
 @cli.command()
 @click.argument("cache", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--valid", "valid", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Validation cache (whole tracks are validated each epoch).")
+@click.option("--valid", "valid", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Validation cache (whole tracks are validated each epoch) [default: none: no validation, the last epoch's "
+                   "weights are kept, no early stopping].")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Model folder to write.")
 # --target (one target) stays, hidden: the train body tells it from --targets (both: an error)
 @click.option("--target", default=None, hidden=True)
@@ -534,7 +548,7 @@ class _TrainProgress:
 @click.option("--force", is_flag=True, help="Replace another run in the output folder.")
 @click.option("--allow-stale", is_flag=True, help="Use caches whose input files changed since they were built.")
 @_quiet_option
-def train(cache: Path, valid: Path, output: Path, target: str | None, targets: str | None, model_args: tuple[str, ...],
+def train(cache: Path, valid: Path | None, output: Path, target: str | None, targets: str | None, model_args: tuple[str, ...],
           source_augmentations: str, valid_seq_dur: float, quiet: bool, **flags) -> None:
     """Train a separation model on a cache (see docs/train.md); prints the model folder.
 
@@ -554,10 +568,10 @@ def train(cache: Path, valid: Path, output: Path, target: str | None, targets: s
                          command=["umxtools", *sys.argv[1:]], **flags)
     rank = from_env().rank
     try:
-        if quiet or rank != 0:
+        if rank != 0:
             path = train_model(config)
         else:
-            with _TrainProgress() as progress:
+            with _TrainProgress(quiet) as progress:
                 path = train_model(config, progress)
     except UmxError:
         if rank != 0:

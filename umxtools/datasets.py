@@ -91,20 +91,25 @@ def musdb_tracks(
     except Exception as exc:
         raise DatasetError(root, "musdb needs ffmpeg and ffprobe on PATH (apt-get install ffmpeg)") from exc
     try:
-        db = musdb.DB(root=str(root), is_wav=is_wav, subsets=subsets, split=None if valid_tracks else split)
+        # the whole subset, split here: an empty split then says why it is empty
+        db = musdb.DB(root=str(root), is_wav=is_wav, subsets=subsets, split=None)
     except Exception as exc:  # musdb raises RuntimeError/OSError/ValueError for bad roots
         raise DatasetError(root, f"musdb cannot read it ({audio._first_line(exc)})") from exc
     tracks = list(db.tracks)
-    if valid_tracks and split is not None:
-        valid = set(valid_tracks)
-        unknown = valid - {t.name for t in tracks}
-        if unknown:
-            raise DatasetError(root, f"--valid-tracks names tracks not in the {subsets} subset: {sorted(unknown)}")
-        tracks = [t for t in tracks if (t.name in valid) == (split == "valid")]
     if not tracks:
-        layout = "track folders of wavs" if is_wav else "*.stem.mp4 files"
-        where = f"{subsets}/" + ("" if split is None else f" ({split} split)")
-        raise DatasetError(root, f"no tracks found in {where}: expected {layout}")
+        raise no_musdb_tracks(root, is_wav, subsets)
+    if split is not None:
+        valid = set(valid_tracks or db.setup["validation_tracks"])
+        if valid_tracks:
+            unknown = valid - {t.name for t in tracks}
+            if unknown:
+                raise DatasetError(root, f"--valid-tracks names tracks not in the {subsets} subset: {sorted(unknown)}")
+        chosen = [t for t in tracks if (t.name in valid) == (split == "valid")]
+        if not chosen:
+            raise _empty_split(root / subsets, split, len(tracks), bool(valid_tracks), db.setup["validation_tracks"])
+        tracks = chosen
+    if is_wav:
+        _check_wav_tracks(root / subsets, [Path(t.path).parent for t in tracks], [db.setup["mixture"], *db.setup["sources"].values()])
     refs = []
     stem_ids = {name: int(i) for name, i in db.setup["stem_ids"].items()}  # mixture 0, drums 1, ...
     stem_order = tuple(sorted(stem_ids, key=stem_ids.get))
@@ -117,6 +122,54 @@ def musdb_tracks(
         else:
             refs.append(TrackRef(name=t.name, kind="musdb", files={"stems": str(t.path)}, stem_order=stem_order))
     return refs
+
+
+def no_musdb_tracks(root: str | Path, is_wav: bool, subset: str) -> DatasetError:
+    """Why musdb finds no track in ``root/subset``: the error names what is there instead."""
+    root = Path(root)
+    folder = root / subset
+    if not folder.is_dir():
+        hint = ""
+        if root.name in ("train", "test") and (root.parent / subset).is_dir():
+            hint = f"; {root} is itself a subset folder: pass its parent {root.parent}"
+        return DatasetError(root, f"no {subset}/ folder (a MUSDB18 root holds train/ and test/){hint}")
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    tracks = [p for p in entries if p.is_dir()]
+    stems = [p for p in entries if p.name.endswith(".stem.mp4")]
+    if is_wav and stems:
+        files = f"{len(stems)} .stem.mp4 file" + ("s" if len(stems) > 1 else "")
+        return DatasetError(folder, f"{files} and no track folders: this is MUSDB18, not MUSDB18-HQ; drop --is-wav")
+    if is_wav:
+        return DatasetError(folder, "no track folders (MUSDB18-HQ: <track>/mixture.wav, vocals.wav, drums.wav, bass.wav, other.wav)")
+    if tracks:
+        return DatasetError(folder, f"{len(tracks)} track folders and no .stem.mp4 files: this looks like MUSDB18-HQ; pass --is-wav")
+    return DatasetError(folder, "no .stem.mp4 files (MUSDB18: <track>.stem.mp4; MUSDB18-HQ: track folders of wavs, with --is-wav)")
+
+
+def _empty_split(folder: Path, split: str, count: int, own_list: bool, musdb_list: list[str]) -> DatasetError:
+    """Why ``--split`` selects none of the ``count`` tracks of ``folder``."""
+    if split == "valid":  # with --valid-tracks every name is known, so this is musdb's list
+        example = musdb_list[0] if musdb_list else "..."
+        return DatasetError(folder, f"--split valid selects none of the {count} tracks: musdb's validation list names MUSDB18's "
+                                    f"tracks ({example!r}, ...); pass --valid-tracks NAME,... to choose the validation tracks")
+    named = "--valid-tracks names" if own_list else "musdb's validation list names"
+    return DatasetError(folder, f"--split train selects none of the {count} tracks: {named} all of them; use --split all, or "
+                                "fewer --valid-tracks")
+
+
+def _check_wav_tracks(folder: Path, tracks: list[Path], names: list[str]) -> None:
+    """Every MUSDB18-HQ track folder holds the mixture and the four stems (musdb lists a folder
+    whatever it holds, so a missing file would surface only when decoding)."""
+    complete = [t for t in tracks if all((t / n).is_file() for n in names)]
+    if not complete:
+        holds = sorted(p.name for p in tracks[0].iterdir() if not p.name.startswith(".")) if tracks[0].is_dir() else []
+        what = ", ".join(holds[:6]) + (", ..." if len(holds) > 6 else "") if holds else "nothing"
+        raise DatasetError(folder, f"{len(tracks)} track folders, but none has all of {', '.join(names)} "
+                                   f"({tracks[0].name}/ holds {what})")
+    for t in tracks:
+        for n in names:
+            if not (t / n).is_file():
+                raise DatasetError(t / n, f"missing; every MUSDB18-HQ track folder holds {', '.join(names)}")
 
 
 def folder_tracks(

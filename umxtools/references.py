@@ -29,6 +29,7 @@ import numpy as np
 import soundfile as sf
 
 from umxtools.audio import _first_line
+from umxtools.datasets import no_musdb_tracks
 from umxtools.errors import AudioError, DatasetError
 
 MIXTURE = "mixture"
@@ -289,7 +290,6 @@ def _musdb_db(root: str, is_wav: bool, subset: str) -> dict:
     except Exception as exc:  # musdb raises RuntimeError/OSError/ValueError for bad roots
         raise DatasetError(path, f"musdb cannot read it ({_first_line(exc)})") from exc
     if not db.tracks:
-        layout = "track folders of wavs (--is-wav)" if is_wav else "*.stem.mp4 files (pass --is-wav for MUSDB18-HQ)"
-        raise DatasetError(path, f"no tracks in {subset}/: expected {layout}")
+        raise no_musdb_tracks(path, is_wav, subset)
     _DBS[key] = {t.name: t for t in db.tracks}
     return _DBS[key]

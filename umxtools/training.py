@@ -4,7 +4,10 @@
 (:class:`umxtools.loaders.RandomDataset`, open-unmix's sampler), Adam with weight decay,
 ``ReduceLROnPlateau`` on the validation loss (factor ``lr_decay_gamma``, patience
 ``lr_decay_patience``, cooldown 10), open-unmix's early stopping, validation on whole tracks of the
-validation cache each epoch, and the best weights kept by validation loss. The model is one of:
+validation cache each epoch, and the best weights kept by validation loss. Without a validation
+cache (``valid=None``) there is no validation: the weights kept are the last epoch's, the
+scheduler watches the training loss and there is no early stopping (docs/train.md, "Training
+without validation"). The model is one of:
 
 - ``umx`` (one target): open-unmix's ``OpenUnmix``, input normalisation from the cache's
   mixture statistics, loss = MSE between estimated and true target magnitudes;
@@ -96,7 +99,7 @@ class TrainConfig:
     """Every flag of ``umxtools train``; defaults are open-unmix's (``scripts/train.py``)."""
 
     cache: Path
-    valid: Path
+    valid: Path | None  # None: no validation (the last epoch's weights are kept)
     output: Path
     targets: tuple[str, ...] = ("vocals",)
     joint: bool = False
@@ -136,7 +139,7 @@ class TrainConfig:
         """The flags as JSON (recorded in ``<target>.json`` / ``model.json``)."""
         d = asdict(self)
         for k in ("cache", "valid", "output"):
-            d[k] = str(d[k])
+            d[k] = None if d[k] is None else str(d[k])
         d["targets"], d["source_augmentations"] = list(self.targets), list(self.source_augmentations)
         d.pop("command")
         return d
@@ -157,7 +160,7 @@ class _Plan:
 
     config: TrainConfig
     meta: CacheMeta
-    valid_meta: CacheMeta
+    valid_meta: CacheMeta | None  # None: no validation
     model: torch.nn.Module
     spec: ModelSpec
     files: RunFiles
@@ -171,10 +174,14 @@ class _Plan:
 
 def train(config: TrainConfig, report: Reporter | None = None) -> Path:
     """Train as ``config`` says; the output folder. ``report(event, info)`` receives progress
-    (events ``start``, ``batch``, ``epoch``, ``stop``) in the main process only.
+    (events ``start``, ``batch``, ``epoch``, ``stop``) and messages a user must see even without
+    progress (``note``: ``{"message": "PATH: ..."}``: no validation, tracks too short to be
+    sampled, a resumed run with nothing to do) in the main process only.
 
-    Raises :class:`umxtools.errors.UmxError` subclasses for bad input (before writing anything)
-    and :class:`TrainingError` for a NaN loss (the last good checkpoint is kept).
+    Raises :class:`umxtools.errors.UmxError` subclasses for bad input (before writing anything),
+    :class:`UsageError` for ``--resume`` with fewer ``epochs`` than the checkpoint holds (nothing
+    written), :class:`TrainingError` for a NaN loss and :class:`CacheError` for a validation
+    cache whose data is damaged (the last good checkpoint is kept).
     """
     ctx = distributed.from_env()
     device = pick_device(config.device, ctx)
@@ -230,7 +237,7 @@ def prepare(config: TrainConfig) -> _Plan:
     :func:`plan_output_of` decides, under the run's lock, what the output folder's files mean."""
     _check_flags(config)
     for path in (config.cache, config.valid):
-        if Path(config.output).resolve() == Path(path).resolve():
+        if path is not None and Path(config.output).resolve() == Path(path).resolve():
             raise OutputError(config.output, f"is the cache {path}; write the model folder somewhere else (-o)")
     if Path(config.output).exists() and not Path(config.output).is_dir():
         raise OutputError(config.output, "exists and is not a folder")
@@ -242,7 +249,7 @@ def prepare(config: TrainConfig) -> _Plan:
                                         f"rebuild the cache with {flag} {want} or drop the flag")
     if not any(MIXTURE in t.roles for t in meta.tracks):
         raise UsageError(meta.path, "has no mixture statistics (a source-folder cache); the model's input normalisation needs them")
-    valid_meta = open_cache(config.valid, expect=s, check_stale=not config.allow_stale)
+    valid_meta = None if config.valid is None else open_cache(config.valid, expect=s, check_stale=not config.allow_stale)
     torch.manual_seed(config.seed)  # the initial weights; the same on every rank
     model, spec = build_model(config, meta)
     # the datasets are built here too, so a missing target fails before anything is written
@@ -266,6 +273,12 @@ def plan_output_of(plan: _Plan) -> None:
     if resume:
         plan.resume = load_checkpoint(files.checkpoint)
         check_identity(files.checkpoint, plan.resume.get("identity", {}), plan.identity)
+        trained = plan.resume.get("epochs_trained")
+        if isinstance(trained, int) and config.epochs < trained:
+            # a typo, or a Makefile's EPOCHS lowered: training less than the checkpoint holds is
+            # impossible, and silently keeping the longer run would hide that
+            raise UsageError(files.checkpoint, f"already trained {trained} epochs; --epochs {config.epochs} is fewer, so nothing was "
+                                               f"done (raise --epochs above {trained} to continue, or --force to start over)")
 
 
 def build_model(config: TrainConfig, meta: CacheMeta) -> tuple[torch.nn.Module, ModelSpec]:
@@ -309,8 +322,11 @@ def build_model(config: TrainConfig, meta: CacheMeta) -> tuple[torch.nn.Module, 
     return model, ModelSpec(spec, args, cls.kind)
 
 
-def cache_identity(meta: CacheMeta) -> dict:
-    """A cache's identity as recorded in model metadata; ``fingerprint`` survives moving the file."""
+def cache_identity(meta: CacheMeta | None) -> dict | None:
+    """A cache's identity as recorded in model metadata; ``fingerprint`` survives moving the file.
+    None for no cache (training without validation)."""
+    if meta is None:
+        return None
     dataset = json.loads(meta.attrs.get("dataset", "{}"))
     blob = {"tracks": [(t.name, t.nb_samples, list(t.roles)) for t in meta.tracks], "settings": meta.settings.as_dict(),
             "sources": list(meta.sources), "dataset": dataset, "dtype": meta.dtype}
@@ -318,7 +334,7 @@ def cache_identity(meta: CacheMeta) -> dict:
     return {"path": str(meta.path.resolve()), "tracks": len(meta.tracks), "dataset": dataset, "fingerprint": fingerprint}
 
 
-def run_identity(config: TrainConfig, spec: ModelSpec, meta: CacheMeta, valid_meta: CacheMeta) -> dict:
+def run_identity(config: TrainConfig, spec: ModelSpec, meta: CacheMeta, valid_meta: CacheMeta | None) -> dict:
     """What a resumed run must share with the checkpoint (the flags that shape the losses).
 
     Not in it: ``epochs``, ``time_limit``, ``device``, ``amp``, ``nb_workers``, the number of
@@ -333,7 +349,8 @@ def run_identity(config: TrainConfig, spec: ModelSpec, meta: CacheMeta, valid_me
             "batch_size": c.batch_size, "lr": c.lr, "weight_decay": c.weight_decay, "lr_decay_patience": c.lr_decay_patience,
             "lr_decay_gamma": c.lr_decay_gamma, "patience": c.patience, "seed": c.seed,
             "loss": "mse" if spec.kind == "spectrogram" else c.loss,
-            "cache": cache_identity(meta)["fingerprint"], "valid": cache_identity(valid_meta)["fingerprint"]}
+            "cache": cache_identity(meta)["fingerprint"],
+            "valid": None if valid_meta is None else cache_identity(valid_meta)["fingerprint"]}
 
 
 # --- checks and data ---------------------------------------------------------------------------
@@ -368,20 +385,52 @@ def _check_flags(c: TrainConfig) -> None:
             raise UsageError(None, f"--{name.replace('_', '-')} must be at least 1")
 
 
-def _datasets(c: TrainConfig, kind: str, meta: CacheMeta, valid_meta: CacheMeta) -> tuple[RandomDataset, IndexDataset]:
-    """Training (random excerpts) and validation (consecutive excerpts or whole tracks) datasets.
+def _datasets(c: TrainConfig, kind: str, meta: CacheMeta, valid_meta: CacheMeta | None) -> tuple[RandomDataset, IndexDataset | None]:
+    """Training (random excerpts) and validation (consecutive excerpts or whole tracks; None
+    without a validation cache) datasets.
 
     ``joint=True`` always, so ``y`` has a targets axis whatever the number of targets.
     """
     output = "magnitude" if kind == "spectrogram" else "waveform"
     gain = (0.25, 1.25) if "gain" in c.source_augmentations else None
+    _check_lengths(meta, meta.tracks, c.seq_dur, kind, "--seq-dur")
     train_ds = RandomDataset(meta, list(c.targets), seq_dur=c.seq_dur, samples_per_track=c.samples_per_track,
                              random_track_mix=c.random_track_mix, gain=gain, channel_swap="channelswap" in c.source_augmentations,
                              seed=c.seed, output=output, joint=True)
+    if valid_meta is None:
+        return train_ds, None
+    mixed = [t for t in valid_meta.tracks if MIXTURE in t.roles]
+    if not mixed:
+        raise UsageError(valid_meta.path, "no track with a mixture to validate on (a source-folder cache); build the validation cache "
+                                          "from track folders")
+    if c.valid_seq_dur is not None:
+        _check_lengths(valid_meta, mixed, c.valid_seq_dur, kind, "--valid-seq-dur")
     valid_ds = IndexDataset(valid_meta, list(c.targets), seq_dur=c.valid_seq_dur, output=output, joint=True)
-    if len(valid_ds) == 0:
-        raise UsageError(valid_meta.path, "no validation excerpt (no track with a mixture, or all shorter than --valid-seq-dur)")
     return train_ds, valid_ds
+
+
+def _excerpt_fits(meta: CacheMeta, track, seq_dur: float, kind: str) -> bool:
+    """Whether ``track`` holds one excerpt of ``seq_dur`` seconds, as the loaders count it
+    (whole STFT frames; waveform models also whole samples)."""
+    s = meta.settings
+    samples = int(seq_dur * s.sample_rate)
+    return track.nb_frames >= s.nb_frames(samples) and (kind == "spectrogram" or track.nb_samples >= samples)
+
+
+def _check_lengths(meta: CacheMeta, tracks, seq_dur: float, kind: str, flag: str) -> None:
+    """Refuse excerpts longer than every track, naming the flag, the longest track and its length."""
+    if not tracks:
+        return  # the datasets say what is missing
+    longest = max(tracks, key=lambda t: t.nb_samples)
+    if not _excerpt_fits(meta, longest, seq_dur, kind):
+        seconds = longest.nb_samples / meta.settings.sample_rate
+        raise UsageError(meta.path, f"every track is shorter than {flag} {seq_dur:g} s (the longest, {longest.name!r}, is "
+                                    f"{seconds:.2f} s); lower {flag}")
+
+
+def _short_tracks(meta: CacheMeta, seq_dur: float, kind: str) -> list:
+    """The tracks the training sampler never draws (shorter than one excerpt)."""
+    return [t for t in meta.tracks if not _excerpt_fits(meta, t, seq_dur, kind)]
 
 
 def _run_files(c: TrainConfig, spec: ModelSpec) -> RunFiles:
@@ -480,10 +529,13 @@ class _Trainer:
         train_ds, valid_ds = _datasets(c, self.spec.kind, plan.meta, plan.valid_meta)
         self.train_loader = CacheLoader(train_ds, batch_size=c.batch_size, shuffle=True, num_workers=c.nb_workers, seed=c.seed,
                                         rank=ctx.rank, world_size=ctx.world_size)
-        # open-unmix validates whole tracks one by one; fixed-length excerpts can share batches
-        valid_batch = 1 if c.valid_seq_dur is None else c.batch_size
-        self.valid_loader = CacheLoader(valid_ds, batch_size=valid_batch, shuffle=False, num_workers=0,
-                                        rank=ctx.rank, world_size=ctx.world_size)
+        self.validates = valid_ds is not None
+        self.valid_loader = None
+        if self.validates:
+            # open-unmix validates whole tracks one by one; fixed-length excerpts can share batches
+            valid_batch = 1 if c.valid_seq_dur is None else c.batch_size
+            self.valid_loader = CacheLoader(valid_ds, batch_size=valid_batch, shuffle=False, num_workers=0,
+                                            rank=ctx.rank, world_size=ctx.world_size)
         # every rank must take the same number of optimiser steps (each one all-reduces
         # gradients): the smallest share, ceil(floor(n / world) / batch)
         self.nb_batches = -(-(len(train_ds) // ctx.world_size) // c.batch_size)
@@ -540,27 +592,46 @@ class _Trainer:
             remove_stale_tmp(self.files)
             for p in self.plan.delete:  # --force: the earlier run goes only now that every check passed
                 p.unlink(missing_ok=True)
-            if self.plan.resume is not None:
+        finished = self._finished()
+        if finished is not None:
+            # a finished run resumed (a requeued job, a Makefile rerun with the same EPOCHS): say
+            # so and write nothing, unless a kill left the derived files behind the checkpoint
+            if ctx.main and not self._derived_current():
                 self._heal()
+                finished += "; the files derived from the checkpoint were rewritten"
+            distributed.barrier(ctx)
+            self._emit("note", {"message": f"{self.files.checkpoint}: {finished}"})
+            return
+        if ctx.main and self.plan.resume is not None:
+            self._heal()
         distributed.barrier(ctx)
         self._emit("start", {"first_epoch": self.first_epoch, "epochs": c.epochs, "batches": self.nb_batches,
                              "device": str(self.device), "world_size": ctx.world_size, "model": self.spec.cls,
                              "parameters": sum(p.numel() for p in self.model.parameters()), "targets": self.targets,
-                             "output": str(self.files.folder), "resumed": self.plan.resume is not None})
+                             "output": str(self.files.folder), "resumed": self.plan.resume is not None,
+                             "validates": self.validates})
+        for note in self._start_notes():
+            self._emit("note", {"message": note})
         started = time.perf_counter()
-        if self.stopped_early:  # a finished run: resuming it (a requeued job) has nothing to do
-            self._emit("stop", {"epoch": self.first_epoch - 1, "reason": "early stopping (in the resumed run)"})
-            return
         for epoch in range(self.first_epoch, c.epochs + 1):
             torch.manual_seed(_epoch_seed(c.seed, epoch, ctx.rank))
             t0 = time.perf_counter()
             train_loss, train_parts, samples, speed, wait = self._train_epoch(epoch)
-            valid_loss, valid_parts = self._valid_epoch()
-            if not math.isfinite(valid_loss):
-                raise TrainingError(self.files.folder, f"validation loss is {valid_loss} in epoch {epoch}; stopped, {self._kept(epoch)}")
-            self.scheduler.step(valid_loss)
-            stop = self.es.step(valid_loss)
-            best = valid_loss == self.es.best  # open-unmix's test
+            if self.validates:
+                valid_loss, valid_parts = self._valid_epoch()
+                if not math.isfinite(valid_loss):
+                    raise self._valid_failure(epoch, valid_loss, train_loss)
+                self.scheduler.step(valid_loss)
+                stop = self.es.step(valid_loss)
+                best = valid_loss == self.es.best  # open-unmix's test
+            else:
+                # no validation: the learning rate still decays when the training loss stops
+                # falling (the optimiser is stuck, whatever the model generalises); early stopping
+                # guards against overfitting, which only a held-out loss shows, so it is off, and
+                # every epoch's weights are kept (best == last)
+                valid_loss, valid_parts = None, [None] * len(self.targets)
+                self.scheduler.step(train_loss)
+                stop, best = False, True
             if best:
                 self.best_epoch = epoch
             row = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss, "best": best,
@@ -588,6 +659,64 @@ class _Trainer:
     def _emit(self, event: str, info: dict) -> None:
         if self.report is not None:
             self.report(event, info)
+
+    def _finished(self) -> str | None:
+        """Why a resumed run has nothing left to do (None when it has)."""
+        trained = self.first_epoch - 1
+        if self.stopped_early:
+            return (f"the run stopped early after epoch {trained} (no better validation loss in {self.config.patience} epochs): "
+                    "nothing to do (--force starts over)")
+        if trained >= self.config.epochs:  # equal: fewer was refused before anything was written
+            return f"already trained {trained} epochs (--epochs {self.config.epochs}): nothing to do (raise --epochs to train longer)"
+        return None
+
+    def _derived_current(self) -> bool:
+        """Whether the files derived from the checkpoint (metadata, history, weights, exports,
+        separator.json) are those of its epoch: a kill between the checkpoint and them leaves
+        them an epoch behind."""
+        files = self.files
+        try:
+            meta = json.loads(files.metadata.read_text())
+            listed = json.loads(files.separator.read_text()).get("targets", [])
+            recorded = meta.get("training", meta).get("epochs_trained")
+        except (OSError, ValueError, AttributeError):
+            return False
+        exports = [p for t in files.exports for p in (files.export_weights(t), files.export_metadata(t))]
+        targets = list(files.exports) if files.name == MODEL_RUN else [files.name]
+        return (recorded == self.first_epoch - 1 and files.history.exists() and files.weights.exists()
+                and all(p.exists() for p in exports) and all(t in listed for t in targets))
+
+    def _start_notes(self) -> list[str]:
+        """What a user must know before the first epoch, even with ``-q``."""
+        c, meta, notes = self.config, self.plan.meta, []
+        if not self.validates:
+            notes.append(f"{self.files.folder}: no --valid: no validation; the weights kept are the last epoch's, the learning rate "
+                         "decays when the training loss stops falling, and there is no early stopping (--epochs or --time-limit "
+                         "end the run)")
+        short = _short_tracks(meta, c.seq_dur, self.spec.kind)
+        if short:
+            names = ", ".join(repr(t.name) for t in short[:3]) + (", ..." if len(short) > 3 else "")
+            notes.append(f"{meta.path}: {len(short)} of {len(meta.tracks)} tracks are shorter than --seq-dur {c.seq_dur:g} s and "
+                         f"are never sampled ({names})")
+        return notes
+
+    def _valid_failure(self, epoch: int, valid_loss: float, train_loss: float) -> UmxError:
+        """The error for a non-finite validation loss: the validation cache when its data is
+        damaged (its checksums are verified now: one more read of what validation reads every
+        epoch), else the model, which diverged."""
+        from umxtools.cache import check_cache  # noqa: PLC0415
+
+        valid, kept = self.plan.valid_meta.path, self._kept(epoch)
+        # a stale input (--allow-stale) is no damage: the cache still holds what it was built from
+        damage = [p for p in check_cache(valid).problems if not p.endswith("(stale)")]
+        if damage:
+            more = f" and {len(damage) - 1} more" if len(damage) > 1 else ""
+            return CacheError(valid, f"validation loss is {valid_loss} in epoch {epoch}: the validation cache is damaged "
+                                     f"({damage[0]}{more}); run umxtools cache check {valid}, and rebuild it; stopped, {kept}")
+        lr = self.optimizer.param_groups[0]["lr"]
+        return TrainingError(self.files.folder, f"validation loss is {valid_loss} in epoch {epoch} (training loss {train_loss:.4g}) "
+                                                f"and the validation cache is intact: the model diverged; stopped, {kept}; lower --lr "
+                                                f"(now {lr:g})")
 
     def _kept(self, epoch: int) -> str:
         if epoch > 1 or self.plan.resume is not None:
@@ -657,6 +786,7 @@ class _Trainer:
 
     def _valid_epoch(self) -> tuple[float, list[float]]:
         """Mean validation loss over the validation excerpts (whole tracks by default), all ranks."""
+        assert self.valid_loader is not None
         self.model.eval()
         k = len(self.targets)
         total = [0.0] * (k + 1)
@@ -687,7 +817,8 @@ class _Trainer:
         return self.model.target_models() if self.files.exports else {}
 
     def _heal(self) -> None:
-        """After a kill: the derived files of the checkpoint's epoch, and its weights if it was the best."""
+        """After a kill: the derived files of the checkpoint's epoch, and its weights if it was the best
+        (always, without validation)."""
         state = self.plan.resume
         if state["best_epoch"] == state["epochs_trained"]:
             self._save_weights()
@@ -713,10 +844,12 @@ class _Trainer:
         """Loss histories as open-unmix's <target>.json names them (one target's when given)."""
         suffix = f"_{target}" if target is not None and len(self.targets) > 1 else ""
         train = [r[f"train_loss{suffix}"] for r in self.history]
-        valid = [r[f"valid_loss{suffix}"] for r in self.history]
+        # without validation there are no valid losses (not a list of nulls): best_loss is null
+        valid = [r[f"valid_loss{suffix}"] for r in self.history if r[f"valid_loss{suffix}"] is not None]
         best_row = next((r for r in self.history if r["epoch"] == self.best_epoch), None)
         return {"epochs_trained": epoch, "best_epoch": self.best_epoch,
                 "best_loss": best_row[f"valid_loss{suffix}"] if best_row else None,
+                "weights_kept": "best_valid_loss" if self.validates else "last_epoch",
                 "train_loss_history": train, "valid_loss_history": valid,
                 "train_time_history": [r["seconds"] for r in self.history], "num_bad_epochs": self.es.num_bad_epochs}
 
