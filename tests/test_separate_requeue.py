@@ -54,7 +54,7 @@ def _env() -> dict:
 
 
 def _command(model: Path, inputs: list[Path], out: Path, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "umxtools", "separate", *map(str, inputs), "--model", str(model), "-o", str(out), "-q",
+    return [sys.executable, "-m", "umxtools", "separate", *map(str, inputs), "--model", str(model), "-o", str(out),
             "--device", "cpu", *flags]
 
 
