@@ -432,3 +432,13 @@ def test_selected_targets_of_a_module():
     assert list(out) == ["c", "a"]
     np.testing.assert_allclose(out["c"], 0.125)
     np.testing.assert_allclose(out["a"], 0.5)
+
+
+def test_the_residual_of_a_vocals_only_separation_is_the_accompaniment():
+    audio = music(0.5)
+    out = Separator(umx_model({"vocals": random_umx(0)}), SeparationSettings(residual=True)).separate(audio)
+    assert list(out) == ["vocals", "accompaniment"]
+    two = Separator(umx_model({"vocals": random_umx(0), "drums": random_umx(1)}), SeparationSettings(residual=True))
+    assert two.outputs == ["vocals", "drums", "residual"] and two.residual == "residual"
+    with pytest.raises(UsageError, match="the residual would be named 'residual', which is already one of the targets"):
+        Separator(umx_model({"drums": random_umx(0), "residual": random_umx(1)}), SeparationSettings(residual=True))

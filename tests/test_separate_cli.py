@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from tests.conftest import COMPAT, error_line, need_shared
+from tests.conftest import COMPAT, REPO, error_line, need_shared
 from tests.test_separate import TARGETS, music, random_umx, write_umx_folder
 from umxtools import pretrained
 from umxtools.models import ModelError
@@ -41,7 +43,7 @@ def stems(folder: Path, names=TARGETS) -> dict[str, np.ndarray]:
 
 
 def test_separates_into_folders_with_a_record(run_cli, umx_folder, song, tmp_path):
-    r = run_cli("separate", song, "--model", umx_folder, "-o", tmp_path / "out")
+    r = run_cli("separate", song, "--model", umx_folder, "-o", tmp_path / "out", "--device", "cpu")
     assert r.code == 0, r.err
     folder = tmp_path / "out" / "song"
     assert r.out.strip() == str(folder)
@@ -140,16 +142,50 @@ def test_inputs_from_folders_and_lists(run_cli, umx_folder, song, tmp_path, monk
     assert r.code == 0 and r.out.split() == [str(tmp_path / "s" / "song")]
 
 
-def test_existing_output_needs_force(run_cli, umx_folder, song, tmp_path):
+def test_a_rerun_skips_what_is_done_and_refuses_other_settings(run_cli, umx_folder, song, tmp_path):
+    """A requeued task reruns the same command: it must succeed without redoing finished tracks,
+    and never keep a folder made with other settings as if it were this run's."""
+    other = tmp_path / "other.wav"
+    sf.write(other, music(0.6, seed=3).T, 44100, subtype="FLOAT")
+    r = run_cli("separate", song, "--model", umx_folder, "-o", tmp_path / "o", "--niter", "0")
+    assert r.code == 0 and r.err.splitlines() == ["separated 1, skipped 0 already done"]
+    record = (tmp_path / "o" / "song" / "separation.json").read_bytes()
+    r = run_cli("separate", song, other, "--model", umx_folder, "-o", tmp_path / "o", "--niter", "0")
+    assert r.code == 0, r.err
+    assert r.out.split() == [str(tmp_path / "o" / "song"), str(tmp_path / "o" / "other")]  # what is done is still listed
+    assert r.err.splitlines() == ["separated 1, skipped 1 already done"]
+    assert (tmp_path / "o" / "song" / "separation.json").read_bytes() == record  # not redone
+    song_folder = tmp_path / "o" / "song"
+    for flags, difference in ((["--niter", "1"], "settings.niter 0 there, 1 now"),
+                              (["--niter", "0", "--targets", "vocals"], 'outputs ["vocals", "drums", "bass", "other"] there, ["vocals"] now'),
+                              (["--niter", "0", "--bits", "16"], 'output.bits "32f" there, "16" now'),
+                              (["--niter", "0", "--start", "0.1"], "excerpt.start_s 0.0 there, 0.1 now")):
+        r = run_cli("separate", song, "--model", umx_folder, "-o", tmp_path / "o", *flags)
+        assert error_line(r) == (f"umxtools: error: {song_folder}: holds a separation made with other settings ({difference}); "
+                                 "pass --force to replace it, or choose another -o"), flags
+    other_model = write_umx_folder(tmp_path / "model2", seed=5, hidden=8)  # same shapes, other weights
+    r = run_cli("separate", song, "--model", other_model, "-o", tmp_path / "o", "--niter", "0")
+    assert error_line(r).startswith(f"umxtools: error: {song_folder}: holds a separation made with other settings "
+                                    "(model.weights.vocals.pth ")
+    changed = tmp_path / "in" / "song.wav"  # another file of the same name: the same output folder
+    changed.parent.mkdir()
+    sf.write(changed, music(1.5, seed=9).T, 44100, subtype="FLOAT")
+    r = run_cli("separate", changed, "--model", umx_folder, "-o", tmp_path / "o", "--niter", "0")
+    assert error_line(r) == (f"umxtools: error: {song_folder}: holds the separation of another content of {changed.resolve()} "
+                             "(the input changed since); pass --force to replace it")
+    assert (song_folder / "separation.json").read_bytes() == record
+    r = run_cli("separate", song, "--model", umx_folder, "-o", tmp_path / "o", "--niter", "0", "--force", "--targets", "vocals")
+    assert r.code == 0 and r.err.splitlines() == ["separated 1, skipped 0 already done"]
+    assert sorted(p.name for p in song_folder.iterdir()) == ["separation.json", "vocals.wav"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["other", "song"]  # no lock, no temporary left
+
+
+def test_a_folder_that_lost_a_stem_is_redone(run_cli, umx_folder, song, tmp_path):
     assert run_cli("separate", song, "--model", umx_folder, "-o", tmp_path, "--niter", "0").code == 0
-    before = (tmp_path / "song" / "vocals.wav").stat().st_mtime_ns
+    (tmp_path / "song" / "bass.wav").unlink()
     r = run_cli("separate", song, "--model", umx_folder, "-o", tmp_path, "--niter", "0")
-    assert error_line(r) == f"umxtools: error: {tmp_path / 'song'}: exists; pass --force to replace it"
-    r = run_cli("separate", song, "--model", umx_folder, "-o", tmp_path, "--niter", "0", "--force", "--targets", "vocals")
-    assert r.code == 0
-    assert sorted(p.name for p in (tmp_path / "song").iterdir()) == ["separation.json", "vocals.wav"]
-    assert (tmp_path / "song" / "vocals.wav").stat().st_mtime_ns >= before
-    assert [p.name for p in tmp_path.iterdir()] == ["song"]
+    assert r.code == 0 and r.err.splitlines() == ["separated 1, skipped 0 already done"]
+    assert (tmp_path / "song" / "bass.wav").exists()
 
 
 def test_jobs_give_the_same_stems(run_cli, umx_folder, tmp_path):
@@ -188,7 +224,9 @@ def test_bad_inputs_are_one_line_each_and_the_rest_is_separated(run_cli, umx_fol
     sf.write(bad / "nan.wav", nan, 44100, subtype="FLOAT")
     sf.write(bad / "short.wav", np.zeros((4000, 2), np.float32), 44100)
     sf.write(bad / "surround.wav", np.zeros((5000, 6), np.float32), 44100)
-    inputs = [bad / "text.wav", bad / "empty.wav", bad / "nan.wav", song, bad / "short.wav", bad / "surround.wav", bad / "none.wav"]
+    sf.write(bad / "nothing.wav", np.zeros((0, 2), np.float32), 44100)  # a header and no samples (was: "starts at 0 s, after its end")
+    inputs = [bad / "text.wav", bad / "empty.wav", bad / "nan.wav", song, bad / "short.wav", bad / "surround.wav", bad / "none.wav",
+              bad / "nothing.wav"]
     r = run_cli("separate", *inputs, "--model", umx_folder, "-o", tmp_path / "out")
     assert r.code == 1
     assert r.out.split() == [str(tmp_path / "out" / "song")]
@@ -200,6 +238,7 @@ def test_bad_inputs_are_one_line_each_and_the_rest_is_separated(run_cli, umx_fol
         f"umxtools: error: {bad / 'short.wav'}: is shorter than one STFT frame (4000 samples at 44100 Hz; the model needs 4096)",
         f"umxtools: error: {bad / 'surround.wav'}: has 6 channels; umxtools handles mono and stereo only",
         f"umxtools: error: {bad / 'none.wav'}: no such file",
+        f"umxtools: error: {bad / 'nothing.wav'}: empty audio file (0 samples)",
     ]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["song"]  # nothing partial
 
@@ -224,7 +263,8 @@ def test_bad_models_and_flags(run_cli, umx_folder, song, tmp_path):
     r = run_cli("separate", song, "--model", umx_folder, "-o", out, "--format", "flac", "--bits", "32f")
     assert error_line(r) == "umxtools: error: FLAC holds 16- or 24-bit integers, not float: --bits 16 or 24"
     r = run_cli("separate", song, "--model", umx_folder, "-o", out, "--targets", "vocals")
-    assert "needs two or more outputs" in error_line(r)
+    assert error_line(r) == ("umxtools: error: Wiener EM (--niter 1) needs two or more outputs and this separation has only "
+                             "'vocals': add --residual (the mixture minus it, written as 'accompaniment') or pass --niter 0")
     r = run_cli("separate", song, "--model", umx_folder, "-o", out, "--segment", "2")
     assert "UMX models are separated whole" in error_line(r)
     if not torch.cuda.is_available():
@@ -232,6 +272,29 @@ def test_bad_models_and_flags(run_cli, umx_folder, song, tmp_path):
         assert error_line(r) == "umxtools: error: device 'cuda': CUDA is not available on this machine"
     assert run_cli("separate", song, "--model", umx_folder, "-o", out, "--aggregate", "x").code == 1
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name not in ("partial", "file")]
+
+
+def test_messages_are_one_line_naming_the_file(run_cli, umx_folder, song, tmp_path):
+    # a Slurm array with more tasks than inputs: the extra task used to exit 0 having done nothing
+    r = run_cli("separate", song, "--model", umx_folder, "-o", tmp_path / "o", "--shard", "1/2")
+    assert error_line(r) == "umxtools: error: shard 1/2 selects none of the 1 input(s): use at most 1 shard(s) (Slurm array tasks)"
+    # a file where a folder is expected, a folder where a file is expected: not Click's 3-line usage error
+    r = run_cli("separate", song, "--model", umx_folder, "-o", song)
+    assert error_line(r) == f"umxtools: error: {song}: is a file; -o names the folder that receives one <input name>/ folder per input"
+    r = run_cli("separate", "--list", tmp_path, "--model", umx_folder, "-o", tmp_path / "o")
+    assert error_line(r) == (f"umxtools: error: {tmp_path}: is a folder; --list takes a file of input paths, one a line "
+                             "(a folder itself can be an input)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_stderr_off_a_terminal_holds_only_the_lines(umx_folder, song, tmp_path):
+    """In a job's log file the progress bar used to leave an empty line before every message."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "umxtools", "separate", str(song), "--model", str(umx_folder), "-o", str(tmp_path / "o"), "--niter", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert (r.returncode, r.stderr) == (0, "separated 1, skipped 0 already done\n")
+    r = subprocess.run([*cmd, "--niter", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and r.stderr.startswith("umxtools: error: ") and len(r.stderr.splitlines()) == 1, r.stderr
 
 
 # --- model folders --------------------------------------------------------------------------------
@@ -311,9 +374,11 @@ def test_waveform_model_through_the_command(run_cli, tmp_path):
     r = run_cli("separate", mix, "--model", folder, "-o", tmp_path / "o", "--residual", "--segment", "0.3", "--overlap", "0.5",
                 "--trust-code")
     assert r.code == 0, r.err
-    out = stems(tmp_path / "o" / "m", ["vocals", "residual"])
+    # a vocals-only separation's residual is the accompaniment (the name eval scores)
+    out = stems(tmp_path / "o" / "m", ["vocals", "accompaniment"])
     np.testing.assert_allclose(out["vocals"], audio / 2, atol=1e-7)
-    np.testing.assert_allclose(out["residual"], audio - out["vocals"], atol=1e-7)
+    np.testing.assert_allclose(out["accompaniment"], audio - out["vocals"], atol=1e-7)
+    assert json.loads((tmp_path / "o" / "m" / "separation.json").read_text())["residual_output"] == "accompaniment"
 
 
 # --- published models ------------------------------------------------------------------------------
@@ -388,5 +453,47 @@ def test_published_model_download(tmp_path, monkeypatch):
     assert model.targets == ["noise"] and (tmp_path / "torch" / "hub" / "checkpoints" / files["noise"].name).exists()
     broken = {"speech": (tmp_path / "server" / "missing_0000.pth").as_uri()}
     monkeypatch.setitem(pretrained.PUBLISHED, "umxse", pretrained.Published(broken, 16000, 1024, 512, 1, "test"))
-    with pytest.raises(ModelError, match=r"umxse: cannot load file://.*missing_0000.pth .*put that file in .*checkpoints"):
+    with pytest.raises(ModelError, match=r"umxse: cannot download file://.*missing_0000.pth .*put this file in .*checkpoints: "
+                                         r"file://.*missing_0000.pth$"):
         load_model("umxse")
+
+
+def test_published_download_failure_names_every_missing_file(tmp_path, monkeypatch):
+    """Offline, the error used to name only the first of umxl's four files: fetching it by hand
+    and retrying then failed on the next one, four times."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    files = _umxse_weights(tmp_path / "server")
+    urls = {"speech": files["speech"].as_uri(), "noise": (tmp_path / "server" / "gone_1234.pth").as_uri()}
+    monkeypatch.setitem(pretrained.PUBLISHED, "umxse", pretrained.Published(urls, 16000, 1024, 512, 1, "test"))
+    with pytest.raises(ModelError) as info, pytest.warns(UserWarning, match="downloaded"):
+        load_model("umxse")
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    assert str(info.value).endswith(f"without network, put this file in {hub}: {urls['noise']}")
+    (hub / files["speech"].name).unlink()
+    urls = {"speech": (tmp_path / "server" / "gone_0000.pth").as_uri(), "noise": urls["noise"]}
+    monkeypatch.setitem(pretrained.PUBLISHED, "umxse", pretrained.Published(urls, 16000, 1024, 512, 1, "test"))
+    with pytest.raises(ModelError) as info:
+        load_model("umxse")
+    assert str(info.value).endswith(f"without network, put these files in {hub}: {urls['speech']}, {urls['noise']}")
+
+
+def test_without_model_the_default_is_used_only_from_the_hub_cache(run_cli, song, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(pretrained, "DEFAULT", "umxse")  # umxse-shaped random weights are small
+    def no_download(*args):
+        raise AssertionError("no download without --model")
+    monkeypatch.setattr(pretrained, "download", no_download)
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    r = run_cli("separate", song, "-o", tmp_path / "o")
+    urls = list(pretrained.PUBLISHED["umxse"].urls.values())
+    assert error_line(r) == (f"umxtools: error: umxse: no --model given, and the default model umxse is not in torch.hub's "
+                             f"cache; put these files in {hub}: {', '.join(urls)} (or pass --model umxse to download them, "
+                             "or --model MODEL_FOLDER)")
+    assert not (tmp_path / "o").exists()
+    _umxse_weights(hub)
+    r = run_cli("separate", song, "-o", tmp_path / "o", "--duration", "0.5")
+    assert r.code == 0, r.err
+    record = json.loads((tmp_path / "o" / "song" / "separation.json").read_text())
+    assert record["model"]["source"] == "umxse"
+    # --device auto by default, as train: a CUDA machine separates on its GPU
+    assert record["settings"]["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")

@@ -248,3 +248,52 @@ def test_a_requeued_eval_array_task_finishes_the_job(slurm, toy_root, tmp_path):
     b = {k: json.loads(v)["targets"] for k, v in _tree(scores, "[!.]*.json").items()}
     assert len(a) == 4 and a == b
     assert not [p for p in scores.rglob(".*") if p.name.endswith((".tmp", ".lock"))]
+
+
+def _job_state(job: str) -> str:
+    r = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    return next((w.split("=", 1)[1] for w in r.stdout.split() if w.startswith("JobState=")), "gone")
+
+
+def test_separate_array_task_requeued_mid_track_finishes_the_job(slurm, toy_root, tmp_path):
+    """`scontrol requeue` (what preemption does) while a task writes a track: Slurm sends SIGTERM,
+    then runs the task again from the start. The rerun used to fail (`exists; pass --force`) and
+    the killed run's partial folder stayed, so --kill-on-invalid-dep cancelled eval and report."""
+    import soundfile as sf
+
+    from tests.test_separate import write_umx_folder
+
+    model = write_umx_folder(tmp_path / "model", hidden=8)
+    env = _env(tmp_path)
+    (tmp_path / "logs").mkdir()
+    test = toy_root / "test"
+    _run([str(BIN / "separate"), str(tmp_path / "single"), str(model), str(test)], env)
+    out = tmp_path / "array"
+    job = _sbatch(["--array=0-0", "--open-mode=append", str(BIN / "step.sbatch"), "separate", str(out), str(model), str(test)],
+                  tmp_path, env)
+    task = f"{job}_0"
+    deadline = time.monotonic() + 300
+    while not (out.exists() and list(out.glob(".*.partial"))):  # the task is writing its first track
+        assert _job_state(task) in ("PENDING", "RUNNING", "CONFIGURING"), _job_state(task)
+        assert time.monotonic() < deadline, "the task did not start a track"
+        time.sleep(0.01)
+    subprocess.run(["scontrol", "requeue", task], check=True, timeout=60)
+    # a requeued job waits about two minutes before it may start again: once it is pending, now
+    for _ in range(300):
+        if _job_state(task) == "PENDING":
+            break
+        time.sleep(0.1)
+    subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True, capture_output=True, timeout=60)
+    waited = subprocess.run(["sbatch", "--wait", "--quiet", "--kill-on-invalid-dep=yes", f"--dependency=afterok:{job}",
+                             "--output=/dev/null", "--wrap", "true"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    log = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("*.out"))
+    assert waited.returncode == 0, f"the job did not complete after its requeue\n{log}"
+    assert "umxtools: stopped by SIGTERM; finished tracks are kept, a rerun continues" in log, log
+    tracks = sorted(p.name for p in test.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == tracks  # nothing hidden left: no partial, no lock
+    single, array = _tree(tmp_path / "single", "*.wav"), _tree(out, "*.wav")
+    assert len(single) == 8 and single.keys() == array.keys()
+    for name in single:  # the same samples as an uninterrupted run
+        a, b = sf.read(tmp_path / "single" / name)[0], sf.read(out / name)[0]
+        assert a.shape == b.shape and (a == b).all(), name

@@ -706,17 +706,21 @@ def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool,
 @cli.command("separate")
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--list", "list_file", default=None, metavar="FILE|-", help="Read input paths from FILE, one a line ('-': stdin).")
-@click.option("-o", "--output", "out", default="separated", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+# -o is checked by the library, whose one-line error names it (Click's file_okay=False prints a 3-line usage error)
+@click.option("-o", "--output", "out", default="separated", show_default=True, type=click.Path(path_type=Path),
               help="Writes OUT/<input name>/<target>.wav and separation.json.")
-@click.option("--model", default="umxl", show_default=True,
-              help=f"Model folder, or a published open-unmix model: {', '.join(_registry('umxtools.pretrained', 'PUBLISHED'))}; "
+@click.option("--model", default=None,
+              help=f"Model folder, or a published open-unmix model: {', '.join(_registry('umxtools.pretrained', 'PUBLISHED'))} "
+                   "(downloaded into torch.hub's cache); "
                    f"or a demucs .th file or name ({', '.join(_registry('umxtools.models', 'DEMUCS_NAMES'))}); "
-                   "or an MSST .ckpt with --model-config.")
+                   f"or an MSST .ckpt with --model-config [default: {_library('umxtools.pretrained', 'DEFAULT')}, if its files "
+                   "are in torch.hub's cache].")
 @click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path), default=None, help="The MSST YAML config of a .ckpt --model.")
 @_targets_option("all of the model's")
 @click.option("--niter", type=click.IntRange(min=0), default=1, show_default=True, help="Wiener EM iterations (0: none).")
 @click.option("--softmask", is_flag=True, help="Start EM from ratio masks instead of magnitudes with the mixture phase.")
-@click.option("--residual", is_flag=True, help="Also write 'residual': the mixture minus the targets.")
+@click.option("--residual", is_flag=True,
+              help="Also write the mixture minus the targets: 'accompaniment' when the only target is vocals, else 'residual'.")
 @click.option("--wiener-win-len", type=click.IntRange(min=0), default=300, show_default=True,
               help="Frames filtered together by the Wiener EM; 0: the whole track (memory grows with it).")
 @click.option("--aggregate", multiple=True, metavar="NAME=A+B",
@@ -742,31 +746,37 @@ def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool,
 @click.option("--clip", type=click.Choice(_registry("umxtools.stems", "CLIP_MODES")), default="clip", show_default=True,
               help="Integer output beyond full scale: clip it (with a warning) or rescale the track's stems by one gain.")
 @_shard_option("inputs")
-@click.option("--force", is_flag=True, help="Replace earlier separations (folders holding separation.json) of the same inputs.")
+@click.option("--force", is_flag=True,
+              help="Redo inputs already separated (replacing only folders holding separation.json); without it a rerun skips "
+                   "those made with the same settings.")
 # the variable is umxtools.models.loading.TRUST_ENV, written out so that --help does not import torch
 @click.option("--trust-code", is_flag=True, envvar="UMXTOOLS_TRUST_CODE",
               help="Run the Python code a model folder's model.json names (its own .py file or a module outside umxtools); "
                    "only for model folders you trust. Env: UMXTOOLS_TRUST_CODE=1.")
 @_quiet_option
-def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path, model: str, model_config: Path | None, targets: str | None, niter: int,
+def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path, model: str | None, model_config: Path | None, targets: str | None, niter: int,
                      softmask: bool, residual: bool, wiener_win_len: int, aggregate: tuple[str, ...], segment: float | None,
                      overlap: float, shifts: int, seed: int, batch_size: int | None, num_overlap: int | None, device: str, jobs: int, start: float, duration: float | None, keep_rate: bool, fmt: str,
                      bits: str | None, clip: str, shard: str | None, force: bool, trust_code: bool, quiet: bool) -> None:
-    """Separate audio files (or folders of them) into their sources with an Open-Unmix or umxtools model."""
-    from umxtools.separate_files import Excerpt, collect_inputs, read_list, separate_files  # noqa: PLC0415
+    """Separate audio files (or folders of them) into their sources with an Open-Unmix or umxtools model.
+
+    A rerun skips the inputs already separated with the same settings (a requeued Slurm task
+    continues); SIGTERM and Ctrl-C stop it cleanly, keeping the finished tracks.
+    """
+    from umxtools.interrupts import interruptible  # noqa: PLC0415
+    from umxtools.separate_files import Excerpt, collect_inputs, read_list, select_shard, separate_files  # noqa: PLC0415
     from umxtools.separation import SeparationSettings, parse_aggregate  # noqa: PLC0415
     from umxtools.stems import OutputOptions  # noqa: PLC0415
 
     from umxtools.cache import Shard  # noqa: PLC0415
 
     paths = [*inputs, *(read_list(list_file) if list_file else [])]
-    part = Shard.parse(shard)
-    items = [item for i, item in enumerate(collect_inputs(paths)) if part.selects(i)]
+    items = select_shard(collect_inputs(paths), Shard.parse(shard))
     settings = SeparationSettings(niter=niter, softmask=softmask, residual=residual, wiener_win_len=wiener_win_len or None,
                                   aggregate=parse_aggregate(aggregate), segment=segment, overlap=overlap, device=device,
                                   shifts=shifts, seed=seed, batch_size=batch_size, num_overlap=num_overlap)
     options = OutputOptions(format=fmt, bits=bits, clip=clip, keep_rate=keep_rate, force=force)
-    with _files_progress([item.path.name for item in items], quiet) as progress:
+    with interruptible(), _files_progress([item.path.name for item in items], quiet) as progress:
         results = separate_files(model, items, out, settings, targets=_csv(targets), excerpt=Excerpt(start, duration),
                                  options=options, jobs=jobs, progress=progress, command=["umxtools", *sys.argv[1:]],
                                  trust_code=trust_code, lists=[list_file] if list_file else [], model_config=model_config)
@@ -787,6 +797,9 @@ def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path,
             click.echo(r.output)
     if failed:
         sys.exit(1)
+    if not quiet:
+        skipped = sum(r.skipped for r in results)
+        click.echo(f"separated {len(results) - skipped}, skipped {skipped} already done", err=True)
 
 
 @contextmanager
@@ -796,7 +809,9 @@ def _files_progress(names: list[str], quiet: bool):
         yield None
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=True) as bar:
+    # disabled off a terminal (a job's log file): a transient bar there leaves an empty line on
+    # stderr when it stops, before any error line
+    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
         tasks: dict[int, int] = {}
 
         def update(index: int, event: str, n: int) -> None:

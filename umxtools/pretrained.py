@@ -8,6 +8,10 @@ Unlike that function (``weights_only=False`` by default in torch 2.13), the file
 ``weights_only=True`` (:func:`umxtools.models.loading.load_state`): a pickle placed in the cache
 cannot run code. Sizes are read off the weights themselves
 (:func:`umxtools.models.loading.umx_from_state`).
+
+``umxtools separate`` without ``--model`` uses :data:`DEFAULT` only when its files are already in
+the cache (:func:`default_model`): a default never starts a download of several hundred MB (a
+cluster's compute nodes often have no network); naming it (``--model umxl``) does.
 """
 
 from __future__ import annotations
@@ -60,6 +64,10 @@ PUBLISHED: dict[str, Published] = {
 }
 
 
+# what `umxtools separate` uses when no model is named, if its weights are in torch.hub's cache
+DEFAULT = "umxl"
+
+
 def hub_file(url: str) -> Path:
     """Where torch.hub keeps (or would keep) the file of ``url``."""
     import torch.hub  # noqa: PLC0415
@@ -83,16 +91,42 @@ def download(name: str, url: str, path: Path) -> None:
                 torch.hub.download_url_to_file(url, str(tmp), progress=False)
         except (URLError, HTTPException, ValueError) as exc:  # the network or the URL; a full disk is fileio's OutputError
             reason = str(getattr(exc, "reason", "") or exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise ModelError(name, f"cannot load {url} ({reason}); without network, put that file in {path.parent}") from exc
+            raise ModelError(name, f"cannot download {url} ({reason})") from exc
+
+
+def missing_files(name: str, targets: list[str] | None = None) -> list[str]:
+    """The URLs of the weights of ``name`` (its ``targets``) that are not in torch.hub's cache."""
+    from umxtools.models.loading import select_targets  # noqa: PLC0415
+
+    pub = PUBLISHED[name]
+    return [pub.urls[t] for t in select_targets(list(pub.urls), targets, name) if not hub_file(pub.urls[t]).exists()]
+
+
+def _put_them(urls: list[str]) -> str:
+    where = hub_file(urls[0]).parent
+    return f"put {'this file' if len(urls) == 1 else 'these files'} in {where}: {', '.join(urls)}"
+
+
+def default_model(targets: list[str] | None = None) -> str:
+    """:data:`DEFAULT` when its weights (of ``targets``) are in torch.hub's cache; else
+    ``ModelError`` naming every missing file's URL and where to put it (nothing is downloaded)."""
+    from umxtools.models import ModelError  # noqa: PLC0415
+
+    missing = missing_files(DEFAULT, targets)
+    if missing:
+        raise ModelError(DEFAULT, f"no --model given, and the default model {DEFAULT} is not in torch.hub's cache; "
+                                  f"{_put_them(missing)} (or pass --model {DEFAULT} to download them, or --model MODEL_FOLDER)")
+    return DEFAULT
 
 
 def load_published(name: str, targets: list[str] | None = None, identity: bool = True):
     """The published model ``name`` as a :class:`~umxtools.models.loading.SeparationModel`.
 
     Weights come from torch.hub's cache, downloaded when absent. Raises ``ModelError`` when a
-    download fails (no network: the message says where to put the file) or when a cached file
-    is not plain weights (it is refused without running anything in it).
+    download fails (no network: the message names every file still missing and where to put
+    them) or when a cached file is not plain weights (it is refused without running anything in it).
     """
+    from umxtools.models import ModelError  # noqa: PLC0415
     from umxtools.models.loading import (  # noqa: PLC0415
         SeparationModel,
         file_identity,
@@ -104,13 +138,16 @@ def load_published(name: str, targets: list[str] | None = None, identity: bool =
 
     pub = PUBLISHED[name]
     chosen = select_targets(list(pub.urls), targets, name)
+    missing = missing_files(name, chosen)
+    for i, url in enumerate(missing):
+        try:
+            download(name, url, hub_file(url))
+        except ModelError as exc:
+            raise ModelError(name, f"{exc.problem}; without network, {_put_them(missing[i:])}") from exc
+        warnings.warn(f"{name}: downloaded {url} to {hub_file(url)}", stacklevel=2)
     models, files = {}, {}
     for target in chosen:
-        url = pub.urls[target]
-        path = hub_file(url)
-        if not path.exists():
-            download(name, url, path)
-            warnings.warn(f"{name}: downloaded {url} to {path}", stacklevel=2)
+        path = hub_file(pub.urls[target])
         models[target] = umx_from_state(load_state(path), pub.n_fft, path)
         if identity:
             files[path.name] = file_identity(path)

@@ -65,7 +65,8 @@ class SeparationSettings:
     Attributes:
         niter: EM iterations of the Wiener filter (0: the initial estimates).
         softmask: initial estimates as ratio masks instead of magnitudes with the mixture phase.
-        residual: one more output, ``residual``: the mixture minus the targets (before EM).
+        residual: one more output, the mixture minus the targets (before EM), named by
+            :func:`residual_name`: ``accompaniment`` after a vocals-only separation, else ``residual``.
         wiener_win_len: frames filtered together; ``None`` filters the whole track at once (as
             open-unmix; memory then grows with the track).
         aggregate: output name -> the outputs it sums, replacing the per-target outputs (as
@@ -120,6 +121,13 @@ def parse_aggregate(items: list[str] | tuple[str, ...]) -> dict[str, list[str]] 
     return out
 
 
+def residual_name(targets: list[str]) -> str:
+    """The name of the residual output: ``accompaniment`` when the only target is ``vocals``
+    (mixture minus vocals is MUSDB18's accompaniment, the name ``umxtools eval`` and museval
+    score), ``residual`` otherwise (it is then no source of any dataset)."""
+    return "accompaniment" if list(targets) == ["vocals"] else "residual"
+
+
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda``, ``cuda:1``, ``mps`` or ``auto`` (CUDA when available) -> a usable device."""
     if name == "auto":
@@ -149,13 +157,19 @@ class Separator:
         self.model, self.settings = model, s
         self.device = resolve_device(s.device)
         model.to(self.device)
-        self.sources = [*model.targets, *(["residual"] if s.residual else [])]
+        self.residual = residual_name(model.targets) if s.residual else None
+        if self.residual in model.targets:
+            raise UsageError(None, f"the residual would be named {self.residual!r}, which is already one of the targets "
+                                   f"({', '.join(model.targets)})")
+        self.sources = [*model.targets, *([self.residual] if self.residual else [])]
         if s.niter < 0:
             raise UsageError(None, f"niter must be 0 or more, got {s.niter}")
         if model.kind == "spectrogram" and s.niter > 0 and len(self.sources) == 1:
-            # open-unmix refuses it too: EM with one source gives back the mixture
-            raise UsageError(None, f"Wiener EM (niter {s.niter}) needs two or more outputs; this separation has only "
-                                   f"{self.sources[0]!r}: add the residual or set niter to 0")
+            # open-unmix refuses it too (its error names --residual): EM with one source gives back the mixture
+            rest = residual_name(model.targets)
+            raise UsageError(None, f"Wiener EM (--niter {s.niter}) needs two or more outputs and this separation has only "
+                                   f"{self.sources[0]!r}: add --residual (the mixture minus it, written as {rest!r}) "
+                                   "or pass --niter 0")
         if s.wiener_win_len is not None and s.wiener_win_len < 1:
             raise UsageError(None, f"wiener_win_len must be at least 1 frame, got {s.wiener_win_len}")
         if s.segment is not None:

@@ -4,8 +4,10 @@ A :class:`StemWriter` owns one output folder (``OUT/<track>/``). It writes into 
 folder beside it (``OUT/.<track>.<pid>-<random>.partial``, unique to the process and the call) and
 renames that into place only when every stem and the JSON record are complete, so an error (a
 full disk included), a Ctrl-C or a crash never leaves a half-written separation under the final
-name. ``force`` replaces only a folder that holds ``separation.json`` (one a separation made):
-never a dataset's track folder or anything else that happens to have the name.
+name. Only a folder that holds ``separation.json`` (one a separation made) is ever replaced:
+never a dataset's track folder or anything else that happens to have the name. A writer killed
+outright (``kill -9``, a node failure) leaves its temporary folder behind: :func:`remove_stale`
+removes those of a track, called by whoever holds the track's lock (:mod:`umxtools.separate_files`).
 
 - Blocks arrive at the model's rate; with ``out_rate`` different they pass through one streaming
   soxr resampler (VHQ) per stem, and the stems are cut or zero-padded to exactly ``length``
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -52,7 +55,7 @@ class OutputOptions:
         clip: ``clip`` (clip at full scale, count what was clipped) or ``rescale`` (one gain per
             track so that nothing clips) for integer output.
         keep_rate: write at the input's sample rate (else at the model's).
-        force: replace an existing output folder.
+        force: redo inputs whose output folder is already complete (earlier separations only).
     """
 
     format: str = "wav"
@@ -83,15 +86,30 @@ class OutputOptions:
         return {"format": self.format, "bits": self.resolved_bits, "clip": self.clip, "keep_rate": self.keep_rate}
 
 
-def check_replaceable(folder: Path, force: bool) -> None:
-    """Refuse an existing ``folder`` unless ``force`` and a separation made it (it holds ``separation.json``)."""
+def made_by_separate(folder: Path) -> bool:
+    """Whether ``folder`` is a folder (not a link) holding ``separation.json``: an earlier separation."""
+    return not folder.is_symlink() and (folder / RECORD).is_file()
+
+
+def check_replaceable(folder: Path, replace: bool) -> None:
+    """Refuse an existing ``folder`` that a separation did not make (no ``separation.json``: a
+    dataset's track, a link), always; and an earlier separation unless ``replace``."""
     if not (folder.exists() or folder.is_symlink()):
         return
-    if not force:
-        raise OutputError(folder, "exists; pass --force to replace it")
-    if folder.is_symlink() or not (folder / RECORD).is_file():
+    if not made_by_separate(folder):
         raise OutputError(folder, f"exists and was not made by umxtools separate (no {RECORD} in it); --force replaces "
                                   "only earlier separations: remove it yourself or choose another -o")
+    if not replace:
+        raise OutputError(folder, "exists; pass --force to replace it")
+
+
+def remove_stale(folder: Path) -> list[Path]:
+    """Remove the temporaries of ``folder`` that killed writers left (``.<name>.<pid>-<hex>.partial``,
+    and ``.old`` ones of a replacement cut short); returns them. Only for a caller holding the
+    track's lock (:func:`umxtools.fileio.exclusive`): every writer holds it, so none of these is
+    being written."""
+    stale = [*fileio.remove_leftovers(folder, ".partial"), *fileio.remove_leftovers(folder, ".old")]
+    return stale
 
 
 def _sf_problem(exc: Exception, file: sf.SoundFile | None = None) -> str:
@@ -111,6 +129,33 @@ def _sf_problem(exc: Exception, file: sf.SoundFile | None = None) -> str:
         if reason.lower() == os.strerror(code).lower():
             return fileio.os_problem(OSError(code, os.strerror(code)))
     return f"cannot write ({reason.lower() or type(exc).__name__})"
+
+
+def read_record(folder: Path) -> dict | None:
+    """The ``separation.json`` of an output folder, or None where it is missing or unreadable."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def is_complete(folder: Path, record: dict) -> bool:
+    """Whether ``folder`` holds every stem its ``record`` lists, each of the recorded length (a
+    stem deleted or truncated by hand makes it incomplete; the writer itself never leaves one so)."""
+    output = record.get("output")
+    files = output.get("files") if isinstance(output, dict) else None
+    if not isinstance(files, dict) or list(files) != record.get("outputs_order"):
+        return False
+    for name in files.values():
+        if not isinstance(name, str) or name != Path(name).name or name in ("", ".", ".."):
+            return False
+        try:
+            if sf.info(str(folder / name)).frames != output.get("frames"):
+                return False
+        except (sf.LibsndfileError, RuntimeError, OSError):
+            return False
+    return True
 
 
 @dataclass
@@ -133,6 +178,7 @@ class StemWriter:
         rate: the rate of the blocks; ``out_rate``: the rate written.
         length: frames per stem at ``out_rate``.
         channels: channels per stem.
+        replace: replace an earlier separation in ``folder`` (never anything else).
     """
 
     folder: Path
@@ -142,10 +188,11 @@ class StemWriter:
     length: int
     options: OutputOptions
     channels: int = 2
+    replace: bool = False
     stems: dict[str, _Stem] = field(default_factory=dict, init=False)
 
     def __post_init__(self):
-        check_replaceable(self.folder, self.options.force)
+        check_replaceable(self.folder, self.replace)
         for name in self.names:
             fileio.check_name(name, "output", self.folder)
         self.tmp = fileio.temp_path(self.folder, ".partial")
@@ -267,7 +314,7 @@ class StemWriter:
         old = None
         try:
             if self.folder.exists() or self.folder.is_symlink():
-                check_replaceable(self.folder, self.options.force)
+                check_replaceable(self.folder, self.replace)
                 old = fileio.temp_path(self.folder, ".old")
                 os.replace(self.folder, old)
             os.replace(self.tmp, self.folder)
