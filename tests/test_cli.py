@@ -32,6 +32,9 @@ def test_wrong_flag_is_a_usage_error(run_cli, tmp_path):
     assert r.code == 2 and "No such option '--no-such-flag'" in r.err
     r = run_cli("cache", "musdb", tmp_path, "--dtype", "int8", "-o", tmp_path / "x.h5")
     assert r.code == 2 and "'int8' is not one of 'float16', 'float32'" in r.err
+    # one line, like every other error (Click's own form is a usage block, a blank line, the error)
+    assert r.err.splitlines() == ["umxtools: error: Invalid value for '--dtype': 'int8' is not one of 'float16', 'float32'. "
+                                  "(see 'umxtools cache musdb --help')"]
 
 
 def test_toy_command_writes_the_layout(run_cli, tmp_path):

@@ -52,6 +52,11 @@ def main() -> None:
     except Interrupted as exc:  # SIGTERM or SIGINT inside interruptible(): cleanup has run
         click.echo(f"umxtools: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        # one line, as every other error: Click's own form adds a usage block and a blank line
+        command = exc.ctx.command_path if exc.ctx is not None else "umxtools"
+        click.echo(f"umxtools: error: {exc.format_message()} (see '{command} --help')", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -79,8 +84,9 @@ def _progress(description: str, quiet: bool):
         yield None
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    # transient: the bar leaves no line behind, so an error stays the only line on stderr
-    with Progress(*columns, console=stderr, transient=True) as bar:
+    # transient: the bar leaves no line behind, so an error stays the only line on stderr; off
+    # where stderr is not a terminal (a job's log file), where rich would leave a blank line
+    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
         task = bar.add_task(description, total=None)
 
         def update(event: str, n: int) -> None:
