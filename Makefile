@@ -1,5 +1,5 @@
-# umxtools — every stage is a flag-driven command; these targets chain them on the toy data.
-# Variables can be overridden: `make data DATA=/path/to/musdb18hq CACHE_DIR=/scratch/cache`.
+# umxtools — every stage is a flag-driven command; these targets chain them on the toy data or on
+# MUSDB18: `make data train eval DATA=~/musdb18hq CACHE_DIR=/scratch/cache` (see docs/make.md).
 
 PYTHON        ?= python3
 PIP           ?= $(PYTHON) -m pip
@@ -9,27 +9,52 @@ OPENUNMIX_VERSION ?= 1.3.0
 AUDIO_SEPARATOR_VERSION ?= 0.47.1
 DEMUCS_VERSION ?= 4.1.0
 
-DATA      ?= data/toy
+# DATA is the toy folder (made here) or a MUSDB18 root, read only: a MUSDB18-HQ root
+# (train/<track>/mixture.wav) or a MUSDB18 root (train/<track>.stem.mp4). Outputs are named after
+# DATA's folder (NAME) under CACHE_DIR, MODELS_DIR and EVAL_DIR, never inside DATA.
+TOY       := data/toy
+DATA      ?= $(TOY)
+NAME      ?= $(notdir $(abspath $(DATA)))
 CACHE_DIR ?= cache
+MODELS_DIR ?= models
+EVAL_DIR  ?= eval
 TRACKS    ?= 8
 SECONDS   ?= 8
 SEED      ?= 0
 TARGETS   ?= vocals,drums,bass,other
-EPOCHS    ?= 10
 JOBS      ?= 2
-# toy tracks used as the validation split (musdb's own list names real MUSDB18 tracks only)
-VALID     ?= toy_006,toy_007
-MODELS_DIR ?= models
-EVAL_DIR  ?= eval
-# a small UMX that learns the toy data in minutes on 2 cores (open-unmix's defaults are for MUSDB18)
-TRAIN_FLAGS ?= --hidden-size 128 --seq-dur 2 --samples-per-track 16 --lr 3e-3
+# the toy: its own validation tracks and a small UMX that learns it in minutes on 2 cores;
+# MUSDB18: musdb's validation list and open-unmix's defaults (umxtools train's own)
+VALID     ?= $(if $(IS_TOY),toy_006$(comma)toy_007)
+EPOCHS    ?= $(if $(IS_TOY),10,1000)
+TRAIN_FLAGS ?= $(if $(IS_TOY),--hidden-size 128 --seq-dur 2 --samples-per-track 16 --lr 3e-3)
+# more `umxtools cache musdb` flags, e.g. --no-waveforms (UMX trains on the STFTs) or --dtype
+CACHE_FLAGS ?=
 # baselines scored beside the trained model
 ORACLES   ?= irm2 mix
 comma := ,
 
+IS_TOY = $(filter $(abspath $(TOY)),$(abspath $(DATA)))
+# toy, hq (MUSDB18-HQ wavs), stems (MUSDB18 .stem.mp4), or empty: not a dataset
+LAYOUT = $(if $(IS_TOY),toy,$(if $(wildcard $(DATA)/train/*/mixture.wav),hq,$(if $(wildcard $(DATA)/train/*.stem.mp4),stems)))
+IS_WAV = $(if $(filter stems,$(LAYOUT)),,--is-wav)
+VALID_FLAG = $(if $(VALID),--valid-tracks '$(VALID)')
+# what the caches and the test-split outputs are rebuilt after: the toy's completion marker, or
+# a MUSDB18 root's train/ and test/ folders (their times change when tracks are added or removed)
+TRAIN_INPUT = $(if $(IS_TOY),$(TOY)/.complete,$(wildcard $(DATA)/train))
+TEST_INPUT  = $(if $(IS_TOY),$(TOY)/.complete,$(wildcard $(DATA)/test))
+SOURCE    = $(CACHE_DIR)/$(NAME).source
+CACHES    = $(CACHE_DIR)/$(NAME)-train.h5 $(CACHE_DIR)/$(NAME)-valid.h5
+MODEL     = $(MODELS_DIR)/$(NAME)-umx
+RUN       = $(EVAL_DIR)/$(NAME)
+# the first line of every stage's recipe: stop with one line unless DATA is a dataset and the
+# outputs lie outside it
+CHECK = @$(if $(LAYOUT),,echo "umxtools: error: $(DATA): no MUSDB18 dataset (MUSDB18-HQ: train/<track>/mixture.wav; MUSDB18: train/<track>.stem.mp4)" >&2; exit 1;) \
+	$(if $(IS_TOY),,$(foreach d,$(CACHE_DIR) $(MODELS_DIR) $(EVAL_DIR),$(if $(filter $(abspath $(DATA))/%,$(abspath $(d))/),echo "umxtools: error: $(d): inside the dataset $(DATA); outputs never go into DATA" >&2; exit 1;))) :
+
 UMX = $(PYTHON) -m umxtools
 
-.PHONY: install slurm demo test bench data train eval clean-data
+.PHONY: install slurm demo test bench data train eval clean-data FORCE
 # keep the .complete markers of the pattern rules (they are what makes reruns incremental)
 .SECONDARY:
 
@@ -70,48 +95,60 @@ demo: install
 	$(MAKE) data train eval EPOCHS=$(if $(filter command line,$(origin EPOCHS)),$(EPOCHS),4)
 
 # --- pipeline stages (file targets: a stage reruns only when its inputs changed) ---
-data: $(CACHE_DIR)/toy-train.h5 $(CACHE_DIR)/toy-valid.h5
+data: $(CACHES)
 
-$(DATA)/.complete:
-	$(UMX) toy $(DATA) --tracks $(TRACKS) --seconds $(SECONDS) --seed $(SEED)
+# the toy is made only in its own folder; a MUSDB18 root is only read
+$(TOY)/.complete:
+	$(UMX) toy $(TOY) --tracks $(TRACKS) --seconds $(SECONDS) --seed $(SEED)
 	touch $@
 
-$(CACHE_DIR)/toy-train.h5: $(DATA)/.complete
-	$(UMX) cache musdb $(DATA) --is-wav --subsets train --split train --valid-tracks $(VALID) \
-		--jobs $(JOBS) --force -o $@
+# DATA, its layout and the validation list behind NAME's outputs: rewritten (and everything after
+# it rebuilt) only when one of them changes
+$(SOURCE): FORCE
+	$(CHECK)
+	@mkdir -p $(@D)
+	@echo '$(abspath $(DATA)) $(LAYOUT) $(VALID)' | cmp -s - $@ || echo '$(abspath $(DATA)) $(LAYOUT) $(VALID)' > $@
 
-$(CACHE_DIR)/toy-valid.h5: $(DATA)/.complete
-	$(UMX) cache musdb $(DATA) --is-wav --subsets train --split valid --valid-tracks $(VALID) \
-		--jobs $(JOBS) --force -o $@
+$(CACHE_DIR)/$(NAME)-%.h5: $(SOURCE) $(TRAIN_INPUT)
+	$(UMX) cache musdb $(DATA) $(IS_WAV) --subsets train --split $* $(VALID_FLAG) $(CACHE_FLAGS) --jobs $(JOBS) --force -o $@
 
 # one UMX per target in one folder (open-unmix's layout); --resume continues an interrupted run,
 # and a larger EPOCHS trains only the new epochs
-train: $(MODELS_DIR)/toy-umx/separator.json
+train: $(MODEL)/separator.json
 
-$(MODELS_DIR)/toy-umx/separator.json: $(CACHE_DIR)/toy-train.h5 $(CACHE_DIR)/toy-valid.h5
+$(MODEL)/separator.json: $(CACHES)
 	for t in $(subst $(comma), ,$(TARGETS)); do \
-		$(UMX) train $(CACHE_DIR)/toy-train.h5 --valid $(CACHE_DIR)/toy-valid.h5 --target $$t -o $(@D) \
+		$(UMX) train $(CACHE_DIR)/$(NAME)-train.h5 --valid $(CACHE_DIR)/$(NAME)-valid.h5 --target $$t -o $(@D) \
 			$(TRAIN_FLAGS) --epochs $(EPOCHS) --resume -q || exit 1; \
 	done
 
-# separate the toy test split, score it and the oracle baselines with museval, one report
-eval: $(EVAL_DIR)/report/report.md
+# separate the test subset (a MUSDB18 .stem.mp4 through its mixture stream), score it and the
+# oracle baselines with museval, one report
+eval: $(RUN)/report/report.md
 	@cat $<
 
-$(EVAL_DIR)/estimates/umx/.complete: $(MODELS_DIR)/toy-umx/separator.json
-	$(UMX) separate $(DATA)/test --model $(MODELS_DIR)/toy-umx --targets $(TARGETS) -o $(EVAL_DIR)/estimates/umx/test --force -q
+$(RUN)/estimates/umx/.complete: $(MODEL)/separator.json $(SOURCE) $(TEST_INPUT)
+	rm -rf $(@D)
+	$(UMX) separate $(DATA)/test --model $(MODEL) --targets $(TARGETS) -o $(@D)/test -q
 	touch $@
 
-$(EVAL_DIR)/estimates/%/.complete: $(DATA)/.complete
-	$(UMX) oracle $(DATA) --is-wav --method $* --targets $(TARGETS) -o $(EVAL_DIR)/estimates/$*
+$(RUN)/estimates/%/.complete: $(SOURCE) $(TEST_INPUT)
+	rm -rf $(@D)
+	$(UMX) oracle $(DATA) $(IS_WAV) --method $* --targets $(TARGETS) -o $(@D)
 	touch $@
 
-$(EVAL_DIR)/scores/%/.complete: $(EVAL_DIR)/estimates/%/.complete
-	$(UMX) eval $(EVAL_DIR)/estimates/$* --musdb $(DATA) --is-wav --targets $(TARGETS) -o $(EVAL_DIR)/scores/$* --jobs $(JOBS) -q
+$(RUN)/scores/%/.complete: $(RUN)/estimates/%/.complete
+	$(UMX) eval $(RUN)/estimates/$* --musdb $(DATA) $(IS_WAV) --targets $(TARGETS) -o $(@D) --jobs $(JOBS) -q
 	touch $@
 
-$(EVAL_DIR)/report/report.md: $(EVAL_DIR)/scores/umx/.complete $(foreach m,$(ORACLES),$(EVAL_DIR)/scores/$(m)/.complete)
-	$(UMX) report UMX=$(EVAL_DIR)/scores/umx $(foreach m,$(ORACLES),$(shell echo $(m) | tr a-z A-Z)=$(EVAL_DIR)/scores/$(m)) -o $(@D)
+$(RUN)/report/report.md: $(RUN)/scores/umx/.complete $(foreach m,$(ORACLES),$(RUN)/scores/$(m)/.complete)
+	$(UMX) report UMX=$(RUN)/scores/umx $(foreach m,$(ORACLES),$(shell echo $(m) | tr a-z A-Z)=$(RUN)/scores/$(m)) -o $(@D)
 
+# what make made for DATA: its caches, model and evaluation, and the toy folder when it is the
+# toy that make made; a MUSDB18 root is never touched
 clean-data:
-	rm -rf $(DATA) $(CACHE_DIR)/toy-*.h5 $(MODELS_DIR)/toy-umx $(EVAL_DIR)
+	@$(foreach d,CACHE_DIR MODELS_DIR EVAL_DIR NAME,$(if $(strip $($(d))),,echo "umxtools: error: $(d) is empty" >&2; exit 1;)) :
+	rm -rf $(CACHES) $(foreach c,$(CACHES),$(dir $(c)).$(notdir $(c)).parts) $(SOURCE) $(MODEL) $(RUN)
+	$(if $(IS_TOY),if [ -e $(TOY)/.complete ]; then rm -rf $(TOY); fi)
+
+FORCE:
