@@ -110,7 +110,7 @@ $(SOURCE): FORCE
 	@echo '$(abspath $(DATA)) $(LAYOUT) $(VALID)' | cmp -s - $@ || echo '$(abspath $(DATA)) $(LAYOUT) $(VALID)' > $@
 
 $(CACHE_DIR)/$(NAME)-%.h5: $(SOURCE) $(TRAIN_INPUT)
-	$(UMX) cache musdb $(DATA) $(IS_WAV) --subsets train --split $* $(VALID_FLAG) $(CACHE_FLAGS) --jobs $(JOBS) --force -o $@
+	$(UMX) cache musdb $(DATA) $(IS_WAV) --subset train --split $* $(VALID_FLAG) $(CACHE_FLAGS) --jobs $(JOBS) --force -o $@
 
 # one UMX per target in one folder (open-unmix's layout); --resume continues an interrupted run,
 # and a larger EPOCHS trains only the new epochs
@@ -118,9 +118,11 @@ train: $(MODEL)/separator.json
 
 $(MODEL)/separator.json: $(CACHES)
 	for t in $(subst $(comma), ,$(TARGETS)); do \
-		$(UMX) train $(CACHE_DIR)/$(NAME)-train.h5 --valid $(CACHE_DIR)/$(NAME)-valid.h5 --target $$t -o $(@D) \
+		$(UMX) train $(CACHE_DIR)/$(NAME)-train.h5 --valid $(CACHE_DIR)/$(NAME)-valid.h5 --targets $$t -o $(@D) \
 			$(TRAIN_FLAGS) --epochs $(EPOCHS) --resume -q || exit 1; \
 	done
+	@# a rerun that trained nothing new (already EPOCHS) writes nothing: mark the stage done
+	touch $@
 
 # separate the test subset (a MUSDB18 .stem.mp4 through its mixture stream), score it and the
 # oracle baselines with museval, one report
@@ -134,7 +136,7 @@ $(RUN)/estimates/umx/.complete: $(MODEL)/separator.json $(SOURCE) $(TEST_INPUT)
 
 $(RUN)/estimates/%/.complete: $(SOURCE) $(TEST_INPUT)
 	rm -rf $(@D)
-	$(UMX) oracle $(DATA) $(IS_WAV) --method $* --targets $(TARGETS) -o $(@D)
+	$(UMX) oracle --musdb $(DATA) $(IS_WAV) --method $* --targets $(TARGETS) -o $(@D)
 	touch $@
 
 $(RUN)/scores/%/.complete: $(RUN)/estimates/%/.complete

@@ -226,3 +226,19 @@ def test_plain_dataloader_workers(toy_cache):
     batches = list(loader)
     assert sum(len(x) for x, _ in batches) == len(ds)
     assert torch.equal(batches[1][0][2], ds[6][0])
+
+
+def test_whole_track_validation_keeps_a_bounded_set_of_datasets_open(toy_cache, monkeypatch):
+    """Validation reads every track of a cache whole; each open HDF5 dataset keeps its chunk cache
+    and chunk index, so the set kept open is bounded (least recently used closed first) and a
+    closed dataset reopens to the same samples."""
+    import umxtools.loaders as loaders
+
+    monkeypatch.setattr(loaders, "OPEN_DATASETS", 3)
+    ds = IndexDataset(open_cache(toy_cache), ["vocals", "drums"], seq_dur=None, joint=True)
+    first = [ds[i] for i in range(len(ds))]
+    assert len(ds._datasets) == 3 and set(ds._chunks) == set(ds._datasets)
+    for i in reversed(range(len(ds))):  # every track's datasets reopened
+        x, y = ds[i]
+        assert torch.equal(x, first[i][0]) and torch.equal(y, first[i][1])
+    assert len(ds._datasets) == 3
