@@ -18,9 +18,15 @@ The contract (checked by ``umxtools.models.load_class`` and ``umxtools.training`
     ``"spectrogram"`` or ``"waveform"``: what ``forward`` consumes and what the loss compares.
     A class without it is refused.
 
+``segmenting`` (class attribute, optional)
+    How ``umxtools separate`` runs the model: ``None`` (the default) runs it on the whole track,
+    or on cross-faded pieces with ``--segment``; ``{"rule": "demucs"}`` or ``{"rule": "msst", ...}``
+    names a rule of ``umxtools.segments``. Any other value is refused. umxtools' own classes
+    (``umxtools.models.MODELS``) declare both attributes and keep this same contract.
+
 ``CLASS(**kwargs)``
     umxtools offers these keyword arguments, and passes those the constructor names (all of
-    them if it takes ``**kwargs``):
+    them if it takes ``**kwargs``; ``umxtools.models.accepted_args(CLASS)`` lists them):
 
     ==============  ==================================================================
     ``targets``     list of target names, in the order ``forward`` must return them

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_separate import RATE, music
 from umxtools import transforms
+from umxtools.transforms import CentredSTFT, OverlapAdd
 
 
 def _audio(seconds=1.0, channels=2, batch=3, seed=0):
@@ -90,3 +92,33 @@ def test_against_openunmix_package(openunmix):
     enc, dec = ou_transforms.make_filterbanks(n_fft=4096, n_hop=1024, center=True)
     spec = enc(x)
     assert torch.allclose(transforms.istft(torch.view_as_complex(spec), length=x.shape[-1]), dec(spec, length=x.shape[-1]))
+
+
+# --- the separator's transforms in pieces against torch.stft / torch.istft on the whole signal -------
+
+
+@pytest.mark.parametrize("length", [4096, 5000, 44100 + 513, 3 * 1024])
+def test_centred_stft_frames_equal_torch_stft(length):
+    audio = torch.from_numpy(music(length / RATE + 1e-9, silence=None)[:, :length])
+    whole = torch.stft(audio, 4096, 1024, window=torch.hann_window(4096), center=True, return_complex=True)  # (2, bins, frames)
+    stft = CentredSTFT(audio, 4096, 1024)
+    assert stft.nb_frames == whole.shape[-1]
+    bounds = [0, 1, 3, stft.nb_frames - 2, stft.nb_frames]
+    for a, b in zip(bounds, bounds[1:]):
+        if a < b:
+            assert torch.equal(stft.frames(a, b), whole[..., a:b])
+
+
+@pytest.mark.parametrize("length", [4096, 4097, 30000, 44100])
+def test_overlap_add_in_pieces_equals_istft(length):
+    g = torch.Generator().manual_seed(length)
+    nb_frames = 1 + length // 1024
+    spec = torch.complex(torch.randn(3, 2, nb_frames, 2049, generator=g), torch.randn(3, 2, nb_frames, 2049, generator=g))
+    whole = torch.istft(spec.transpose(-1, -2).reshape(6, 2049, nb_frames), 4096, 1024, window=torch.hann_window(4096),
+                        center=True, length=length).reshape(3, 2, length)
+    ola = OverlapAdd(4096, 1024, length)
+    cuts = [0, 1, 2, 7, nb_frames]
+    pieces = [ola.push(spec[:, :, a:b]) for a, b in zip(cuts, cuts[1:]) if a < b] + [ola.finish()]
+    got = torch.cat(pieces, dim=-1)
+    assert got.shape == whole.shape
+    torch.testing.assert_close(got, whole, rtol=0, atol=1e-5)

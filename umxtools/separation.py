@@ -13,12 +13,13 @@ open-unmix holds every stage for the whole track at once (with umxhq-sized model
 a minute of audio, 16 GB for ten). Here only the BLSTM sees the whole track, because a
 bidirectional LSTM needs it; everything else goes window by window (docs/separate.md):
 
-- pass 1, per chunk of frames: STFT -> magnitude -> the model's encoder (``fc1``, ``bn1``,
-  ``tanh``), kept as ``(frames, hidden)`` per target; then each target's LSTM over the whole
-  sequence, also ``(frames, hidden)``: a few hundred bytes per frame and target instead of the
-  ``2 x channels x bins`` floats of a spectrogram;
-- pass 2, per Wiener window: STFT of that window again, the decoder (``fc2`` ... ``relu * mix``)
-  on it, Wiener EM, inverse FFT and overlap-add, then the finished samples are handed on (to be
+- pass 1, per chunk of frames: STFT -> magnitude -> the model's ``encode`` (``fc1``, ``bn1``,
+  ``tanh``), kept as ``(frames, hidden)`` per target; then each target's ``context`` (the LSTM)
+  over the whole sequence, also ``(frames, hidden)``: a few hundred bytes per frame and target
+  instead of the ``2 x channels x bins`` floats of a spectrogram;
+- pass 2, per Wiener window: STFT of that window again, the model's ``decode`` (``fc2`` ...
+  ``relu * mix``) on it, Wiener EM, inverse FFT and overlap-add (:mod:`umxtools.transforms`'
+  :class:`CentredSTFT` and :class:`OverlapAdd`), then the finished samples are handed on (to be
   written to disk by :mod:`umxtools.stems`) and dropped.
 
 Models that are not per-target UMX models are run whole (or, with ``segment``, in overlapping
@@ -38,7 +39,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from umxtools import fileio, segments
 from umxtools.errors import UsageError
@@ -46,7 +46,7 @@ from umxtools.filtering import wiener
 from umxtools.models import ModelError
 from umxtools.models.loading import SeparationModel
 from umxtools.models.umx import OpenUnmix
-from umxtools.transforms import window as hann_window
+from umxtools.transforms import CentredSTFT, OverlapAdd
 
 # frames per chunk of pass 1 (encoder input: chunk x channels x bins floats, 32 MB at 2048)
 ENCODE_CHUNK = 2048
@@ -332,115 +332,6 @@ def _sum_first(t: torch.Tensor) -> torch.Tensor:
     return total
 
 
-# --- the transforms, window by window ----------------------------------------------------------------
-
-
-class CentredSTFT:
-    """Frames of open-unmix's separator STFT (``center=True``, reflect padding), on demand.
-
-    ``frames(a, b)`` equals frames ``a:b`` of ``torch.stft(audio, center=True)`` (same samples,
-    same window, same FFT, same layout) without padding or transforming the whole signal.
-    """
-
-    def __init__(self, audio: torch.Tensor, n_fft: int, n_hop: int):
-        self.audio, self.n_fft, self.n_hop = audio, n_fft, n_hop
-        self.length = audio.shape[-1]
-        if self.length <= n_fft // 2:
-            raise ValueError(f"reflect padding needs more than {n_fft // 2} samples, got {self.length}")
-        self.nb_frames = 1 + self.length // n_hop  # torch.stft with center=True
-        self.window = hann_window(n_fft, device=audio.device)
-
-    def frames(self, a: int, b: int) -> torch.Tensor:
-        """Frames ``a:b``: ``(channels, bins, b - a)`` complex, contiguous (torch.stft's layout)."""
-        pad = self.n_fft // 2
-        lo, hi = a * self.n_hop - pad, (b - 1) * self.n_hop + self.n_fft - pad  # samples of the unpadded signal
-        if lo >= 0 and hi <= self.length:
-            x = self.audio[:, lo:hi]
-        else:  # reflect at the ends, as torch.stft's padding: x[-k] = x[k], x[L-1+k] = x[L-1-k]
-            idx = torch.arange(lo, hi, device=self.audio.device)
-            idx = idx.abs()
-            idx = torch.where(idx > self.length - 1, 2 * (self.length - 1) - idx, idx)
-            x = self.audio[:, idx]
-        return torch.stft(x, self.n_fft, self.n_hop, window=self.window, center=False, normalized=False,
-                          onesided=True, return_complex=True)
-
-
-class OverlapAdd:
-    """The inverse of :class:`CentredSTFT`, streamed: ``torch.istft(center=True, length=L)`` in pieces.
-
-    ``push`` takes the next frames ``(..., frames, bins)`` complex and returns the output samples
-    that no later frame touches any more, ``(..., n)``; ``finish`` returns the rest, so that all
-    outputs together are exactly ``length`` samples. As ``torch.istft``: inverse real FFT, window,
-    overlap-add, division by the overlap-added squared window, the first ``n_fft // 2`` samples
-    (the centring padding) dropped.
-    """
-
-    def __init__(self, n_fft: int, n_hop: int, length: int, device=None):
-        self.n_fft, self.n_hop, self.length = n_fft, n_hop, length
-        self.window = hann_window(n_fft, device=device)
-        self.pad = n_fft // 2
-        self.start = 0  # padded position of the carried tail's first sample = next frame * hop
-        self.tail: torch.Tensor | None = None  # (..., n_fft - hop) partial sums of past frames
-        self.env_tail: torch.Tensor | None = None
-        self.emitted = 0
-
-    def push(self, spec: torch.Tensor) -> torch.Tensor:
-        *lead, nb_frames, nb_bins = spec.shape
-        sig = spec.new_empty(*lead, (nb_frames - 1) * self.n_hop + self.n_fft, dtype=self.window.dtype)
-        # one (source, channel) signal at a time: the frames of all of them at once would be the
-        # largest tensor of a whole separation
-        for i in np.ndindex(*lead):
-            frames = torch.fft.irfft(spec[i], n=self.n_fft, dim=-1).mul_(self.window)  # (frames, n_fft)
-            sig[i] = _overlap_add(frames, self.n_hop)  # ((frames - 1) * hop + n_fft,)
-        env = _overlap_add((self.window * self.window).expand(nb_frames, -1), self.n_hop)
-        keep = self.n_fft - self.n_hop
-        if self.tail is not None:
-            sig[..., :keep] += self.tail
-            env[:keep] += self.env_tail
-        done = nb_frames * self.n_hop
-        self.tail, self.env_tail = sig[..., done:], env[done:]
-        out = self._emit(sig[..., :done], env[:done])
-        self.start += done
-        return out
-
-    def finish(self) -> torch.Tensor:
-        """The samples after the last frame's hop; zeros if the frames end before ``length``."""
-        assert self.tail is not None, "push frames first"
-        out = self._emit(self.tail, self.env_tail)
-        missing = self.length - self.emitted
-        if missing > 0:
-            out = torch.cat([out, out.new_zeros(*out.shape[:-1], missing)], dim=-1)
-            self.emitted += missing
-        return out
-
-    def _emit(self, sig: torch.Tensor, env: torch.Tensor) -> torch.Tensor:
-        # padded positions [start, start + n) -> output samples [start - pad, ...) within [0, length)
-        first = max(self.pad, self.start)
-        last = min(self.pad + self.length, self.start + sig.shape[-1])
-        if last <= first:
-            return sig[..., :0]
-        a, b = first - self.start, last - self.start
-        self.emitted += b - a
-        return sig[..., a:b].div_(env[a:b])
-
-
-def _overlap_add(frames: torch.Tensor, hop: int) -> torch.Tensor:
-    """``(..., frames, n)`` -> ``(..., (frames - 1) * hop + n)``: frame ``t`` added at ``t * hop``."""
-    *lead, nb_frames, n = frames.shape
-    if n % hop == 0:
-        # n / hop shifted copies of the frames, cut in hop-long pieces: R additions, no scatter
-        r = n // hop
-        pieces = frames.reshape(*lead, nb_frames, r, hop)
-        out = frames.new_zeros(*lead, nb_frames + r - 1, hop)
-        for k in range(r):
-            out[..., k:k + nb_frames, :] += pieces[..., k, :]
-        return out.reshape(*lead, (nb_frames + r - 1) * hop)
-    flat = frames.reshape(-1, nb_frames, n).transpose(1, 2)  # (batch, n, frames) columns for fold
-    size = (nb_frames - 1) * hop + n
-    out = F.fold(flat, output_size=(1, size), kernel_size=(1, n), stride=(1, hop))
-    return out.reshape(*lead, size)
-
-
 # --- target magnitudes, window by window ----------------------------------------------------------
 
 
@@ -462,28 +353,9 @@ def _frames_first(mag: torch.Tensor) -> torch.Tensor:
     return mag.permute(3, 0, 1, 2)
 
 
-def umx_encode(model: OpenUnmix, mag: torch.Tensor) -> torch.Tensor:
-    """The frame-wise first half of ``OpenUnmix.forward``: ``(frames, 1, channels, bins)`` -> ``(frames, 1, hidden)``."""
-    nb_frames, nb_samples, nb_channels, _ = mag.shape
-    x = (mag[..., : model.nb_bins] + model.input_mean) * model.input_scale
-    x = model.fc1(x.reshape(-1, nb_channels * model.nb_bins))
-    return torch.tanh(model.bn1(x)).reshape(nb_frames, nb_samples, model.hidden_size)
-
-
-def umx_decode(model: OpenUnmix, h: torch.Tensor, lstm_out: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
-    """The frame-wise second half of ``OpenUnmix.forward``, from the encoder and LSTM outputs of
-    the same frames: ``(frames, 1, hidden)`` twice and the magnitude ``(frames, 1, channels, bins)``
-    -> the target magnitude ``(channels, frames, bins)``."""
-    nb_frames, nb_samples, nb_channels, _ = mag.shape
-    skip = torch.cat([h, lstm_out], -1)  # (frames, 1, 2 * hidden)
-    x = F.relu(model.bn2(model.fc2(skip.reshape(-1, skip.shape[-1]))))
-    x = model.bn3(model.fc3(x)).reshape(nb_frames, nb_samples, nb_channels, model.nb_output_bins)
-    x = F.relu(x * model.output_scale + model.output_mean) * mag
-    return x[:, 0].permute(1, 0, 2)
-
-
 class _UMXEstimator:
-    """Per-target :class:`OpenUnmix` models, the BLSTM over the whole track, the rest per window.
+    """Per-target :class:`OpenUnmix` models, the BLSTM over the whole track, the rest per window:
+    the model's own ``encode`` per chunk, ``context`` once, ``decode`` per window.
 
     Holds the ``(frames, hidden)`` encoder and LSTM outputs of every target: ``8 * hidden`` bytes
     per frame and target (106 MB per target for 10 minutes at 44.1 kHz and hidden 512), against
@@ -500,16 +372,19 @@ class _UMXEstimator:
         for a, b in chunks:
             mag = _frames_first(_magnitude(stft.frames(a, b), mono))
             for t, m in models.items():
-                self.h[t][a:b] = umx_encode(m, mag)
+                self.h[t][a:b] = m.encode(mag)  # (frames, 1, hidden)
             progress("advance", 1)
         self.lstm = {}
         for t, m in models.items():
-            self.lstm[t] = m.lstm(self.h[t])[0]  # (frames, 1, hidden): the only whole-track step
+            self.lstm[t] = m.context(self.h[t])  # (frames, 1, hidden): the only whole-track step
             progress("advance", 1)
 
     def magnitudes(self, a: int, b: int, spec: torch.Tensor) -> torch.Tensor:
-        mag = _frames_first(_magnitude(spec, self.mono))
-        return torch.stack([umx_decode(m, self.h[t][a:b], self.lstm[t][a:b], mag) for t, m in self.models.items()])
+        """Frames ``a:b`` of every target: ``(targets, channels, frames, bins)``."""
+        mag = _frames_first(_magnitude(spec, self.mono))  # (frames, 1, channels, bins)
+        # decode: (frames, 1, channels, bins) -> (channels, frames, bins)
+        return torch.stack([m.decode(self.h[t][a:b], self.lstm[t][a:b], mag)[:, 0].permute(1, 0, 2)
+                            for t, m in self.models.items()])
 
 
 class _ModuleEstimator:

@@ -6,6 +6,10 @@ open-unmix (``openunmix.transforms``) uses ``torch.stft`` with a periodic Hann w
 
 Shapes: audio ``(..., samples)``; complex spectrograms ``(..., bins, frames)`` with
 ``bins = n_fft // 2 + 1``.
+
+:class:`CentredSTFT` and :class:`OverlapAdd` are the separator's transforms (``center=True``) in
+pieces: frames on demand and overlap-add of consecutive frames, equal to ``torch.stft`` and
+``torch.istft`` on the whole signal (tested), so that a separation holds one window at a time.
 """
 
 from __future__ import annotations
@@ -135,3 +139,114 @@ def bandwidth_to_max_bin(rate: float, n_fft: int, bandwidth: float) -> int:
     """
     freqs = np.linspace(0, rate / 2, n_fft // 2 + 1, endpoint=True)
     return int(np.max(np.where(freqs <= bandwidth)[0]) + 1)
+
+
+# --- streamed: the separator's STFT and ISTFT, window by window --------------------------------------
+
+
+class CentredSTFT:
+    """Frames of open-unmix's separator STFT (``center=True``, reflect padding), on demand.
+
+    ``frames(a, b)`` equals frames ``a:b`` of ``torch.stft(audio, center=True)`` (same samples,
+    same window, same FFT, same layout) without padding or transforming the whole signal.
+    """
+
+    def __init__(self, audio: torch.Tensor, n_fft: int, n_hop: int):
+        self.audio, self.n_fft, self.n_hop = audio, n_fft, n_hop
+        self.length = audio.shape[-1]
+        if self.length <= n_fft // 2:
+            raise ValueError(f"reflect padding needs more than {n_fft // 2} samples, got {self.length}")
+        self.nb_frames = 1 + self.length // n_hop  # torch.stft with center=True
+        self.window = window(n_fft, device=audio.device)
+
+    def frames(self, a: int, b: int) -> torch.Tensor:
+        """Frames ``a:b``: ``(channels, bins, b - a)`` complex, contiguous (torch.stft's layout)."""
+        torch = _torch()
+        pad = self.n_fft // 2
+        lo, hi = a * self.n_hop - pad, (b - 1) * self.n_hop + self.n_fft - pad  # samples of the unpadded signal
+        if lo >= 0 and hi <= self.length:
+            x = self.audio[:, lo:hi]
+        else:  # reflect at the ends, as torch.stft's padding: x[-k] = x[k], x[L-1+k] = x[L-1-k]
+            idx = torch.arange(lo, hi, device=self.audio.device)
+            idx = idx.abs()
+            idx = torch.where(idx > self.length - 1, 2 * (self.length - 1) - idx, idx)
+            x = self.audio[:, idx]
+        return torch.stft(x, self.n_fft, self.n_hop, window=self.window, center=False, normalized=False,
+                          onesided=True, return_complex=True)
+
+
+class OverlapAdd:
+    """The inverse of :class:`CentredSTFT`, streamed: ``torch.istft(center=True, length=L)`` in pieces.
+
+    ``push`` takes the next frames ``(..., frames, bins)`` complex and returns the output samples
+    that no later frame touches any more, ``(..., n)``; ``finish`` returns the rest, so that all
+    outputs together are exactly ``length`` samples. As ``torch.istft``: inverse real FFT, window,
+    overlap-add, division by the overlap-added squared window, the first ``n_fft // 2`` samples
+    (the centring padding) dropped.
+    """
+
+    def __init__(self, n_fft: int, n_hop: int, length: int, device=None):
+        self.n_fft, self.n_hop, self.length = n_fft, n_hop, length
+        self.window = window(n_fft, device=device)
+        self.pad = n_fft // 2
+        self.start = 0  # padded position of the carried tail's first sample = next frame * hop
+        self.tail: torch.Tensor | None = None  # (..., n_fft - hop) partial sums of past frames
+        self.env_tail: torch.Tensor | None = None
+        self.emitted = 0
+
+    def push(self, spec: torch.Tensor) -> torch.Tensor:
+        torch = _torch()
+        *lead, nb_frames, nb_bins = spec.shape
+        sig = spec.new_empty(*lead, (nb_frames - 1) * self.n_hop + self.n_fft, dtype=self.window.dtype)
+        # one (source, channel) signal at a time: the frames of all of them at once would be the
+        # largest tensor of a whole separation
+        for i in np.ndindex(*lead):
+            frames = torch.fft.irfft(spec[i], n=self.n_fft, dim=-1).mul_(self.window)  # (frames, n_fft)
+            sig[i] = _overlap_add(frames, self.n_hop)  # ((frames - 1) * hop + n_fft,)
+        env = _overlap_add((self.window * self.window).expand(nb_frames, -1), self.n_hop)
+        keep = self.n_fft - self.n_hop
+        if self.tail is not None:
+            sig[..., :keep] += self.tail
+            env[:keep] += self.env_tail
+        done = nb_frames * self.n_hop
+        self.tail, self.env_tail = sig[..., done:], env[done:]
+        out = self._emit(sig[..., :done], env[:done])
+        self.start += done
+        return out
+
+    def finish(self) -> torch.Tensor:
+        """The samples after the last frame's hop; zeros if the frames end before ``length``."""
+        assert self.tail is not None, "push frames first"
+        out = self._emit(self.tail, self.env_tail)
+        missing = self.length - self.emitted
+        if missing > 0:
+            out = _torch().cat([out, out.new_zeros(*out.shape[:-1], missing)], dim=-1)
+            self.emitted += missing
+        return out
+
+    def _emit(self, sig: torch.Tensor, env: torch.Tensor) -> torch.Tensor:
+        # padded positions [start, start + n) -> output samples [start - pad, ...) within [0, length)
+        first = max(self.pad, self.start)
+        last = min(self.pad + self.length, self.start + sig.shape[-1])
+        if last <= first:
+            return sig[..., :0]
+        a, b = first - self.start, last - self.start
+        self.emitted += b - a
+        return sig[..., a:b].div_(env[a:b])
+
+
+def _overlap_add(frames: torch.Tensor, hop: int) -> torch.Tensor:
+    """``(..., frames, n)`` -> ``(..., (frames - 1) * hop + n)``: frame ``t`` added at ``t * hop``."""
+    *lead, nb_frames, n = frames.shape
+    if n % hop == 0:
+        # n / hop shifted copies of the frames, cut in hop-long pieces: R additions, no scatter
+        r = n // hop
+        pieces = frames.reshape(*lead, nb_frames, r, hop)
+        out = frames.new_zeros(*lead, nb_frames + r - 1, hop)
+        for k in range(r):
+            out[..., k:k + nb_frames, :] += pieces[..., k, :]
+        return out.reshape(*lead, (nb_frames + r - 1) * hop)
+    flat = frames.reshape(-1, nb_frames, n).transpose(1, 2)  # (batch, n, frames) columns for fold
+    size = (nb_frames - 1) * hop + n
+    out = _torch().nn.functional.fold(flat, output_size=(1, size), kernel_size=(1, n), stride=(1, hop))
+    return out.reshape(*lead, size)

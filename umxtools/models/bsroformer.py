@@ -50,6 +50,11 @@ class BSRoformer(Roformer):
     config; Hann windows throughout).
     """
 
+    kind = "waveform"
+    # None here: an MSST checkpoint brings its rule ("msst", its chunk_size) from its config
+    # (umxtools.models.foreign), and a model umxtools trains runs whole or on --segment pieces
+    segmenting = None
+
     def __init__(
         self,
         dim: int,

@@ -139,7 +139,7 @@ class HTDemucsBag(nn.Module):
     """
 
     kind = "waveform"
-    segmenting = {"rule": "demucs"}
+    segmenting = {"rule": "demucs"}  # as HTDemucs: demucs's apply_model, each member in turn
 
     def __init__(self, targets: list[str], members: list[dict], nb_channels: int = 2, sample_rate: int = 44100,
                  weights: list[list[float]] | None = None):

@@ -30,6 +30,9 @@ class OpenUnmixJoint(nn.Module):
     """
 
     kind = "spectrogram"
+    # run whole, then streamed as per-target UMX models (umxtools.models.loading finds them through
+    # target_models); no segment rule of its own
+    segmenting = None
 
     def __init__(
         self,

@@ -97,6 +97,11 @@ class MelBandRoformer(Roformer):
     Defaults are MSST's (note its dropouts of 0.1).
     """
 
+    kind = "waveform"
+    # None here: an MSST checkpoint brings its rule ("msst", its chunk_size) from its config
+    # (umxtools.models.foreign), and a model umxtools trains runs whole or on --segment pieces
+    segmenting = None
+
     def __init__(
         self,
         dim: int,

@@ -274,10 +274,8 @@ class Roformer(nn.Module):
 
     Subclasses build ``band_split``, ``mask_estimators`` and ``final_norm``, and define which
     STFT values each band reads (:meth:`_band_inputs`) and how masks meet the STFT
-    (:meth:`_apply_masks`).
+    (:meth:`_apply_masks`). Each subclass declares the model contract (``kind``, ``segmenting``).
     """
-
-    kind = "waveform"
 
     def _init_common(self, *, dim: int, depth: int, stereo: bool, num_stems: int, time_transformer_depth: int,
                      freq_transformer_depth: int, linear_transformer_depth: int, dim_head: int, heads: int,

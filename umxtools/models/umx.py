@@ -21,6 +21,9 @@ class OpenUnmix(nn.Module):
     """Fully connected encoder, (B)LSTM with a skip connection, fully connected decoder; the
     output is a non-negative mask-like gain applied to the input magnitude.
 
+    ``forward`` is :meth:`decode` of :meth:`encode` and :meth:`context`: ``umxtools separate``
+    calls the three itself, so that only the LSTM sees the whole track (docs/separate.md).
+
     Args:
         nb_bins: output bins (``n_fft // 2 + 1``).
         nb_channels: audio channels.
@@ -31,6 +34,9 @@ class OpenUnmix(nn.Module):
             cache statistics); stored as ``-mean`` and ``1 / std`` of the first ``max_bin`` bins.
         max_bin: bins the model sees (bandwidth); all ``nb_bins`` are estimated.
     """
+
+    kind = "spectrogram"
+    segmenting = None  # never cut: the BLSTM hears the whole track (umxtools.separation streams the rest)
 
     def __init__(
         self,
@@ -75,16 +81,38 @@ class OpenUnmix(nn.Module):
             p.requires_grad = False
         return self.eval()
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The frame-wise encoder (normalisation, ``fc1``, ``bn1``, ``tanh``):
+        ``(frames, batch, channels, bins)`` magnitude -> ``(frames, batch, hidden)``.
+
+        Each frame alone: the separator runs it on chunks of frames (umxtools.separation).
+        """
+        nb_frames, nb_samples, nb_channels, _ = x.shape
+        x = (x[..., : self.nb_bins] + self.input_mean) * self.input_scale
+        x = self.fc1(x.reshape(-1, nb_channels * self.nb_bins))  # (frames * batch, hidden)
+        return torch.tanh(self.bn1(x)).reshape(nb_frames, nb_samples, self.hidden_size)
+
+    def context(self, h: torch.Tensor) -> torch.Tensor:
+        """The (B)LSTM over the whole sequence: ``(frames, batch, hidden)`` -> ``(frames, batch, hidden)``.
+
+        The only step that needs every frame at once (bidirectional), so a UMX is never cut
+        into segments.
+        """
+        return self.lstm(h)[0]
+
+    def decode(self, h: torch.Tensor, c: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        """The frame-wise decoder, from :meth:`encode`'s and :meth:`context`'s outputs of the same
+        frames (``(frames, batch, hidden)`` each) and their mixture magnitude ``mix``
+        ``(frames, batch, channels, bins)`` -> the target magnitude ``(frames, batch, channels, bins)``.
+        """
+        nb_frames, nb_samples, nb_channels, _ = mix.shape
+        skip = torch.cat([h, c], -1)  # (frames, batch, 2 * hidden)
+        x = F.relu(self.bn2(self.fc2(skip.reshape(-1, skip.shape[-1]))))
+        x = self.bn3(self.fc3(x)).reshape(nb_frames, nb_samples, nb_channels, self.nb_output_bins)
+        return F.relu(x * self.output_scale + self.output_mean) * mix
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch, channels, bins, frames)`` magnitude -> same-shaped target magnitude."""
         x = x.permute(3, 0, 1, 2)  # (frames, batch, channels, bins)
-        nb_frames, nb_samples, nb_channels, _ = x.shape
-        mix = x.detach()
-        x = (x[..., : self.nb_bins] + self.input_mean) * self.input_scale
-        x = self.fc1(x.reshape(-1, nb_channels * self.nb_bins))  # (frames * batch, hidden)
-        x = torch.tanh(self.bn1(x)).reshape(nb_frames, nb_samples, self.hidden_size)
-        skip = torch.cat([x, self.lstm(x)[0]], -1)  # (frames, batch, 2 * hidden)
-        x = F.relu(self.bn2(self.fc2(skip.reshape(-1, skip.shape[-1]))))
-        x = self.bn3(self.fc3(x)).reshape(nb_frames, nb_samples, nb_channels, self.nb_output_bins)
-        x = F.relu(x * self.output_scale + self.output_mean) * mix
-        return x.permute(1, 2, 3, 0)
+        h = self.encode(x)
+        return self.decode(h, self.context(h), x.detach()).permute(1, 2, 3, 0)

@@ -78,6 +78,7 @@ class Demucs(nn.Module):
     """
 
     kind = "waveform"
+    segmenting = None  # any length works: run whole, or on cross-faded --segment pieces
 
     def __init__(
         self,
