@@ -100,7 +100,7 @@ def _worker(dataset: _CacheDataset, buffers, tasks, results) -> None:
             results.put((seq, None))
         except UmxError as exc:
             results.put((seq, exc))
-        except Exception as exc:  # noqa: BLE001  (anything else travels back as one line: it may not pickle)
+        except Exception as exc:  # anything else travels back as one line: it may not pickle
             results.put((seq, CacheError(dataset.meta.path, f"a loader worker failed ({type(exc).__name__}: {_first_line(exc)})")))
 
 

@@ -150,9 +150,9 @@ def magnitude_moments(spec: np.ndarray) -> np.ndarray:
 
 def encode_track(ref: TrackRef, index: int, options: CacheOptions) -> dict:
     """Decode a track and compute what the cache stores of it (arrays in their stored dtype)."""
-    import torch  # noqa: PLC0415  (workers import lazily; the parent may never need torch)
+    import torch  # workers import lazily; the parent may never need torch
 
-    from umxtools.transforms import stft  # noqa: PLC0415
+    from umxtools.transforms import stft
 
     settings = options.settings
     track = load_track(ref, settings.sample_rate, options.resample)
@@ -184,7 +184,7 @@ def encode_track(ref: TrackRef, index: int, options: CacheOptions) -> dict:
 
 
 def _worker_init() -> None:
-    import torch  # noqa: PLC0415
+    import torch
 
     torch.set_num_threads(1)
     # Ctrl-C goes to the whole process group: the parent stops the build and shuts the pool down;
@@ -205,7 +205,7 @@ def _encode_checked(ref: TrackRef, index: int, options: CacheOptions) -> dict:
         return encode_track(ref, index, options)
     except UmxError:
         raise
-    except Exception as exc:  # noqa: BLE001  (in a worker a traceback would reach no one but stderr)
+    except Exception as exc:  # in a worker a traceback would reach no one but stderr
         raise CacheError(_where(ref), f"encoding track {ref.name!r} failed ({type(exc).__name__}: {_first_line(exc)})") from exc
 
 
@@ -331,7 +331,7 @@ def _filters(compression: str) -> dict:
         return {"compression": "lzf", "shuffle": True}
     if compression == "gzip":
         return {"compression": "gzip", "compression_opts": 4, "shuffle": True}
-    import hdf5plugin  # noqa: PLC0415
+    import hdf5plugin
 
     return {**hdf5plugin.Zstd(clevel=3), "shuffle": True}
 
@@ -495,7 +495,7 @@ def _is_cache(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as f:
             return f.attrs.get("format") == FORMAT
-    except Exception:  # noqa: BLE001  (h5py raises OSError, and others for odd files: none is a cache)
+    except Exception:  # h5py raises OSError, and others for odd files: none is a cache
         return False
 
 

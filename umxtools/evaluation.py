@@ -112,13 +112,13 @@ arrays, NaN for silent frames: ``museval.evaluate``'s contract with ``mode='v4'`
 
 
 def _museval_backend(references, estimates, win, hop):
-    import museval  # noqa: PLC0415  (imports pandas and musdb: only where scores are computed)
+    import museval  # imports pandas and musdb: only where scores are computed
 
     return museval.evaluate(references, estimates, win=win, hop=hop, mode=MODE)
 
 
 def _fast_backend(references, estimates, win, hop):
-    from umxtools import metrics  # noqa: PLC0415  (imports torch: only where scores are computed)
+    from umxtools import metrics  # imports torch: only where scores are computed
 
     return metrics.evaluate(references, estimates, win=win, hop=hop, mode=MODE)
 
@@ -269,7 +269,7 @@ def _load_audio(ref: ReferenceTrack, estimate_dir: Path, targets: list[str]):
 
 def _bsseval(track: str, groups, refs: dict, ests: dict, rate: int, backend: str, where: Path) -> dict:
     """museval's TrackStore document of every group's reported targets, in museval's order."""
-    from museval import TrackStore  # noqa: PLC0415  (imports pandas: only where scores are computed)
+    from museval import TrackStore  # imports pandas: only where scores are computed
 
     store = TrackStore(win=WIN, hop=HOP, track_name=track)
     win, hop = int(WIN * rate), int(HOP * rate)
@@ -299,14 +299,14 @@ def _single_target_problem(targets: list[str]) -> str:
 
 def to_json(doc: dict) -> str:
     """A score document as museval writes it (simplejson, NaN allowed, Decimals kept)."""
-    import simplejson  # noqa: PLC0415  (museval's own serializer; a museval dependency)
+    import simplejson  # museval's own serializer; a museval dependency
 
     return simplejson.dumps(doc, indent=2, allow_nan=True, use_decimal=True)
 
 
 def read_scores(path: str | Path) -> dict:
     """Parse a score JSON (museval's or umxtools'); :class:`ScoreError` if it is not one."""
-    import simplejson  # noqa: PLC0415
+    import simplejson
 
     path = Path(path)
     try:
@@ -481,7 +481,7 @@ def evaluate_estimates(
         the whole run (no estimates, unreadable references, a single target, score files made
         with other settings, an output that is an input or not eval's, a full disk) raise.
     """
-    from umxtools.cache import Shard  # noqa: PLC0415  (h5py: not needed by the scoring workers)
+    from umxtools.cache import Shard  # h5py: not needed by the scoring workers
 
     if backend not in BACKENDS:
         raise UsageError(None, f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")

@@ -322,7 +322,7 @@ def _check_same_run(final: Path, done: dict, now: dict) -> None:
 
 
 def _identity(path: Path) -> dict:
-    from umxtools.models.loading import file_identity  # noqa: PLC0415
+    from umxtools.models.loading import file_identity
 
     return file_identity(path)
 
@@ -357,9 +357,9 @@ def separate_files(
     :class:`~umxtools.interrupts.Interrupted` once the track being written is dropped
     (:func:`umxtools.interrupts.interruptible`).
     """
-    from umxtools.models.loading import load_model  # noqa: PLC0415
-    from umxtools.pretrained import default_model  # noqa: PLC0415
-    from umxtools.separation import SeparationSettings, Separator  # noqa: PLC0415
+    from umxtools.models.loading import load_model
+    from umxtools.pretrained import default_model
+    from umxtools.separation import SeparationSettings, Separator
 
     settings = settings or SeparationSettings()
     out = Path(out)
@@ -413,10 +413,10 @@ def _worker_signal(signum, frame) -> None:
 
 
 def _worker_init(model_source, targets, settings, record, threads, events, trust_code, model_config=None) -> None:
-    import torch  # noqa: PLC0415
+    import torch
 
-    from umxtools.models.loading import load_model  # noqa: PLC0415
-    from umxtools.separation import Separator  # noqa: PLC0415
+    from umxtools.models.loading import load_model
+    from umxtools.separation import Separator
 
     for s in _STOP_SIGNALS:
         signal.signal(s, _worker_signal)

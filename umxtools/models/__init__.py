@@ -34,7 +34,8 @@ KINDS = tuple(LOSSES)
 _CLASSES = {"OpenUnmix": "umxtools.models.umx", "OpenUnmixJoint": "umxtools.models.joint", "Demucs": "umxtools.models.waveform",
             "BSRoformer": "umxtools.models.bsroformer", "MelBandRoformer": "umxtools.models.melroformer"}
 
-__all__ = ["JOINT", "KINDS", "LOSSES", "MODELS", "BSRoformer", "Demucs", "MelBandRoformer", "ModelError", "OpenUnmix", "OpenUnmixJoint", "load_class", "spec_of"]
+__all__ = ["JOINT", "KINDS", "LOSSES", "MODELS", "BSRoformer", "Demucs", "MelBandRoformer", "ModelError", "OpenUnmix", "OpenUnmixJoint",
+           "load_class", "spec_of"]
 
 
 def __getattr__(name: str):
@@ -54,7 +55,7 @@ def load_class(spec: str) -> type:
     module_name, class_name = spec.rsplit(":", 1)
     # the same importer as user dataset classes (private module names for files); its errors
     # name the module, only their class changes
-    from umxtools.datasets import _import_user_module  # noqa: PLC0415
+    from umxtools.datasets import _import_user_module
 
     try:
         module = _import_user_module(module_name)
