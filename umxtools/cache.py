@@ -44,7 +44,7 @@ from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -54,6 +54,9 @@ from umxtools.audio import _first_line
 from umxtools.datasets import TrackRef, load_track
 from umxtools.errors import CacheError, OutputError, StaleCacheError, UmxError, UsageError
 from umxtools.transforms import STFTSettings
+
+if TYPE_CHECKING:
+    from umxtools.progress import Progress
 
 FORMAT = "umxtools.cache"
 FORMAT_VERSION = 1
@@ -66,7 +69,6 @@ STD_REL_FLOOR = 1e-4
 # at most 5 chunks, and a chunk fits HDF5's default 1 MiB chunk cache.
 CHUNK_FRAMES = 64
 
-Progress = Callable[[str, int], None]
 Note = Callable[[str], None]  # a message for the user ("PATH: ..."), printed even without progress
 
 
@@ -419,13 +421,13 @@ def build_cache(
                     for message in _resume_notes(out, work, len(selected), len(selected) - len(todo), changed, discarded):
                         note(message)
                 if progress:
-                    progress("total", len(selected))
-                    progress("advance", len(selected) - len(todo))
+                    progress("total", {"n": len(selected)})
+                    progress("advance", {"n": len(selected) - len(todo)})
                 with closing(_encoded(todo, jobs)) as encoded:
                     for payload in encoded:
                         _write_part(work / f"track-{payload['index']:05d}.h5", payload, options)
                         if progress:
-                            progress("advance", 1)
+                            progress("advance", {"n": 1})
             except OSError as exc:
                 raise fileio.output_error(out, exc) from exc
             except OutputError as exc:

@@ -19,15 +19,13 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from umxtools import __version__, evaluation, oracle, pretrained, references, report, stems
 from umxtools.errors import UmxError
 from umxtools.interrupts import Interrupted
 from umxtools.models import DEMUCS_NAMES
-
-stderr = Console(stderr=True)
+from umxtools.progress import TrainProgress, counter_bar, file_bars, note, stderr
 
 
 class _State:
@@ -71,32 +69,6 @@ def main() -> None:
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     click.echo(f"umxtools: warning: {message}", err=True)
 
-
-def _note(message: str) -> None:
-    """``umxtools: note: PATH: message`` on stderr, also with ``-q``: what a command did that the
-    user may not expect (nothing at all, work reused, a default that changes the result)."""
-    stderr.print(f"umxtools: note: {message}", markup=False, highlight=False, soft_wrap=True)
-
-
-@contextmanager
-def _progress(description: str, quiet: bool):
-    """A rich progress bar on stderr driven by the library's ``progress(event, n)`` callback."""
-    if quiet:
-        yield None
-        return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    # transient: the bar leaves no line behind, so an error stays the only line on stderr; off
-    # where stderr is not a terminal (a job's log file), where rich would leave a blank line
-    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(event: str, n: int) -> None:
-            if event == "total":
-                bar.update(task, total=n)
-            else:
-                bar.advance(task, n)
-
-        yield update
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -287,9 +259,9 @@ def _build(refs, sources, meta, out, dtype, compression, chunk_frames, waveforms
 
     options = CacheOptions(settings=STFTSettings(sample_rate=sample_rate, n_fft=nfft, n_hop=nhop), dtype=dtype,
                            compression=compression, chunk_frames=chunk_frames, waveforms=waveforms, resample=resample)
-    with _progress(f"caching {out.name}", quiet) as progress:
+    with counter_bar(f"caching {out.name}", quiet) as progress:
         path = build_cache(refs, out, sources, options, meta=meta, shard=Shard.parse(shard), jobs=jobs, force=force,
-                           command=["umxtools", *sys.argv[1:]], progress=progress, note=_note)
+                           command=["umxtools", *sys.argv[1:]], progress=progress, note=note)
     click.echo(str(path))
 
 
@@ -399,8 +371,8 @@ def cache_check(file: Path) -> None:
     report = check_cache(file)
     for p in report.problems:  # the report itself, on stdout; the verdict is the error line
         click.echo(f"{file}: {p}")
-    for note in report.notes:
-        click.echo(f"{file}: note: {note}")
+    for remark in report.notes:
+        click.echo(f"{file}: note: {remark}")
     if not report.ok:
         raise CacheError(file, report.verdict)
     click.echo(f"{file}: {report.verdict}")
@@ -446,55 +418,6 @@ def _key_values(items: tuple[str, ...], flag: str) -> dict:
         except ValueError:
             parsed[key] = value
     return parsed
-
-
-class _TrainProgress:
-    """Renders :func:`umxtools.training.train`'s events on stderr: a transient rich bar per epoch
-    (batch, loss, samples/s) on a terminal, and one permanent log line per epoch (what a cluster
-    job's log file keeps). ``quiet`` (``-q``) keeps only the notes."""
-
-    def __init__(self, quiet: bool = False):
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"), TimeElapsedColumn())
-        self.bar = Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal)
-        self.quiet = quiet
-        self.task = None
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
-
-    def __call__(self, event: str, info: dict) -> None:
-        if event == "note":
-            _note(info["message"])
-        elif self.quiet:
-            return
-        elif event == "start":
-            verb = "resuming" if info["resumed"] else "training"
-            stderr.print(f"{verb} {', '.join(info['targets'])}: {info['model']} ({info['parameters'] / 1e6:.2f} M parameters) on "
-                         f"{info['device']}" + (f" x {info['world_size']} processes" if info["world_size"] > 1 else "")
-                         + f", epochs {info['first_epoch']}..{info['epochs']}, {info['batches']} batches each -> {info['output']}",
-                         highlight=False, soft_wrap=True)
-        elif event == "batch":
-            if self.task is None:
-                self.task = self.bar.add_task("", total=info["batches"], loss="-", speed="-")
-            self.bar.update(self.task, completed=info["batch"], description=f"epoch {info['epoch']}",
-                            loss=f"{info['loss']:.4g}", speed=f"{info['samples_per_s']:.1f}")
-        elif event == "epoch":
-            if self.task is not None:
-                self.bar.remove_task(self.task)
-                self.task = None
-            validated = info["valid_loss"] is not None  # None: training without --valid
-            mark = "  best" if info["best"] and validated else ""
-            valid = f"  valid {info['valid_loss']:.5g}" if validated else ""
-            stderr.print(f"epoch {info['epoch']}/{info['epochs']}  train {info['train_loss']:.5g}{valid}  "
-                         f"lr {info['lr']:.2g}  {info['seconds']:.1f} s  {info['samples_per_s']:.1f} samples/s  "
-                         f"data wait {100 * info['data_wait']:.0f}%{mark}", highlight=False, soft_wrap=True)
-        elif event == "stop":
-            stderr.print(f"stopped after epoch {info['epoch']}: {info['reason']}", highlight=False, soft_wrap=True)
 
 
 @cli.command()
@@ -566,7 +489,7 @@ def train(cache: Path, valid: Path | None, output: Path, target: str | None, tar
         if rank != 0:
             path = train_model(config)
         else:
-            with _TrainProgress(quiet) as progress:
+            with TrainProgress(quiet) as progress:
                 path = train_model(config, progress)
     except UmxError:
         if rank != 0:
@@ -616,7 +539,7 @@ def eval_command(estimates: Path, musdb_root: Path | None, is_wav: bool, subset:
     from umxtools.interrupts import interruptible
 
     references = _references(musdb_root, is_wav, subset, references_dir)
-    with interruptible(), _progress(f"scoring {estimates.name}", quiet) as progress:
+    with interruptible(), counter_bar(f"scoring {estimates.name}", quiet) as progress:
         summary = evaluate_estimates(estimates, references, output, targets=_csv(targets), backend=backend, jobs=jobs,
                                      shard=Shard.parse(shard), force=force, progress=progress)
     for error in summary.failed:  # per-track problems: the other tracks' scores are written
@@ -665,7 +588,7 @@ def oracle_command(root: Path | None, method: str, output: Path, musdb_root: Pat
     elif folder:
         raise click.UsageError("--folder (deprecated) goes with ROOT; use --references DIR")
     references = _references(musdb_root, is_wav, subset, references_dir)
-    with interruptible(), _progress(f"oracle {method}", quiet) as progress:
+    with interruptible(), counter_bar(f"oracle {method}", quiet) as progress:
         summary = write_oracle(references, method, output, targets=_csv(targets), shard=Shard.parse(shard), force=force,
                                progress=progress)
     for error in summary.failed:  # tracks another process is writing: the other tracks are written
@@ -772,7 +695,7 @@ def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path,
                                   aggregate=parse_aggregate(aggregate), segment=segment, overlap=overlap, device=device,
                                   shifts=shifts, seed=seed, batch_size=batch_size, num_overlap=num_overlap)
     options = OutputOptions(format=fmt, bits=bits, clip=clip, keep_rate=keep_rate, force=force)
-    with interruptible(), _files_progress([item.path.name for item in items], quiet) as progress:
+    with interruptible(), file_bars([item.path.name for item in items], quiet) as progress:
         results = separate_files(model, items, out, settings, targets=_csv(targets), excerpt=Excerpt(start, duration),
                                  options=options, jobs=jobs, progress=progress, command=["umxtools", *sys.argv[1:]],
                                  trust_code=trust_code, lists=[list_file] if list_file else [], model_config=model_config)
@@ -796,30 +719,3 @@ def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path,
     if not quiet:
         skipped = sum(r.skipped for r in results)
         click.echo(f"separated {len(results) - skipped}, skipped {skipped} already done", err=True)
-
-
-@contextmanager
-def _files_progress(names: list[str], quiet: bool):
-    """One transient rich progress bar per file being separated; ``progress(index, event, n)``."""
-    if quiet:
-        yield None
-        return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    # disabled off a terminal (a job's log file): a transient bar there leaves an empty line on
-    # stderr when it stops, before any error line
-    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
-        tasks: dict[int, int] = {}
-
-        def update(index: int, event: str, n: int) -> None:
-            if event == "start":
-                tasks[index] = bar.add_task(f"separating {names[index]}", total=None)
-            elif event == "done":
-                if index in tasks:
-                    bar.remove_task(tasks.pop(index))
-            elif index in tasks:
-                if event == "total":
-                    bar.update(tasks[index], total=n)
-                else:
-                    bar.advance(tasks[index], n)
-
-        yield update

@@ -79,6 +79,7 @@ from umxtools.references import (
 
 if TYPE_CHECKING:
     from umxtools.cache import Shard
+    from umxtools.progress import Progress
 
 MODE = "v4"
 WIN = 1.0  # seconds: SiSEC 2018's (and museval's default) 1 s windows and hops
@@ -458,7 +459,7 @@ def evaluate_estimates(
     jobs: int = 1,
     shard: Shard | None = None,
     force: bool = False,
-    progress: Callable[[str, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> EvalSummary:
     """Score every track folder of ``estimates`` into ``output`` (see the module docstring).
 
@@ -471,7 +472,8 @@ def evaluate_estimates(
         jobs: worker processes (1: score in this process).
         shard: score only tracks ``i`` with ``i % N == K`` (sorted by name).
         force: rescore tracks that already have a score file.
-        progress: ``progress("total", n)`` once, then ``progress("advance", 1)`` per track.
+        progress: ``progress("total", {"n": n})`` once, then ``progress("advance", {"n": 1})`` per
+            track (:mod:`umxtools.progress`).
 
     Returns:
         An :class:`EvalSummary`. Per-track problems (a missing or unreadable estimate, another
@@ -551,7 +553,7 @@ def evaluate_estimates(
             todo.append(_Job(references, name, str(estimate_dir), tuple(targets), backend))
 
     if progress:
-        progress("total", len(todo))
+        progress("total", {"n": len(todo)})
     # closed here, not when the traceback is freed: an interrupted run stops its workers at once
     with closing(_run_jobs(todo, jobs)) as results:
         for track, result, seconds, notes in results:
@@ -568,7 +570,7 @@ def evaluate_estimates(
                     summary.scored.append(track)
                     summary.seconds_scored += seconds
             if progress:
-                progress("advance", 1)
+                progress("advance", {"n": 1})
     summary.scored.sort()  # workers finish in any order
     return summary
 

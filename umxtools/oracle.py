@@ -44,6 +44,7 @@ from umxtools.references import ACCOMPANIMENT, VOCALS, References
 
 if TYPE_CHECKING:
     from umxtools.cache import Shard
+    from umxtools.progress import Progress
 
 NFFT = 2048  # the reference's nperseg; scipy's default overlap is half of it
 EPS = np.finfo(np.float64).eps  # the reference's guard against division by zero
@@ -183,7 +184,7 @@ def write_oracle(
     targets: list[str] | None = None,
     shard: Shard | None = None,
     force: bool = False,
-    progress: Callable[[str, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> OracleSummary:
     """Write ``method``'s estimates of every reference track as an estimates folder.
 
@@ -236,7 +237,7 @@ def write_oracle(
         fileio.write_text(output / MANIFEST, json.dumps(manifest, indent=2))
     summary = OracleSummary(output)
     if progress:
-        progress("total", len(selected))
+        progress("total", {"n": len(selected)})
     for name in selected:
         folder = output / references.prefix / name
         try:
@@ -250,7 +251,7 @@ def write_oracle(
         except LockedError as exc:
             summary.failed.append(exc)
         if progress:
-            progress("advance", 1)
+            progress("advance", {"n": 1})
     return summary
 
 

@@ -52,16 +52,19 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from umxtools import __version__, audio, fileio, interrupts
 from umxtools.errors import AudioError, ModelError, OutputError, UmxError, UsageError
 from umxtools.interrupts import Interrupted
 from umxtools.stems import OutputOptions, StemWriter, check_replaceable, is_complete, read_record, remove_stale
 
+if TYPE_CHECKING:
+    from umxtools.progress import Progress
+
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3", ".mp4", ".m4a", ".aac")
 RECORD_FORMAT = "umxtools.separation"
 
-FilesProgress = Callable[[int, str, int], None]
 # what an interrupted run keeps (the end of its one stderr line)
 KEPT = interrupts.TRACKS_KEPT
 # seconds a worker process gets to drop its track after SIGTERM before it is killed
@@ -339,7 +342,7 @@ def separate_files(
     excerpt: Excerpt = Excerpt(),
     options: OutputOptions = OutputOptions(),
     jobs: int = 1,
-    progress: FilesProgress | None = None,
+    progress: Progress | None = None,
     command: list[str] | None = None,
     trust_code: bool = False,
     lists: Iterable[str | Path] = (),
@@ -352,8 +355,8 @@ def separate_files(
     or absent model, bad settings, an unwritable ``out``, an ``out`` that is or holds an input,
     the list files ``lists`` or the model folder, a model folder that would run code without
     ``trust_code``) are raised before any work; an input's own problem is its
-    :class:`FileResult`'s ``error``. ``progress(index, event, n)`` gets ``start``, ``total``,
-    ``advance`` and ``done`` per input. A SIGTERM or SIGINT (in the main thread) raises
+    :class:`FileResult`'s ``error``. ``progress(event, info)`` (:mod:`umxtools.progress`) gets
+    ``start``, ``total``, ``advance`` and ``done`` per input, ``info["file"]`` its index. A SIGTERM or SIGINT (in the main thread) raises
     :class:`~umxtools.interrupts.Interrupted` once the track being written is dropped
     (:func:`umxtools.interrupts.interruptible`).
     """
@@ -378,14 +381,14 @@ def separate_files(
               "model_sample_rate": model.sample_rate, "outputs_order": separator.outputs, "residual_output": separator.residual,
               "settings": {**settings.as_dict(), "device": str(separator.device)},
               "umxtools_version": __version__, "command": command, "created": datetime.now(timezone.utc).isoformat()}
-    progress = progress or (lambda index, event, n: None)
+    progress = progress or (lambda event, info: None)
     with interrupts.interruptible(KEPT):
         if jobs <= 1 or len(items) == 1:
             results = []
             for i, item in enumerate(items):
-                progress(i, "start", 0)
-                results.append(separate_file(separator, item, out, excerpt, options, record, lambda e, n, i=i: progress(i, e, n)))
-                progress(i, "done", 0)
+                progress("start", {"file": i})
+                results.append(separate_file(separator, item, out, excerpt, options, record, _of_file(progress, i)))
+                progress("done", {"file": i})
             return results
         del separator, model  # each worker loads its own
         jobs = min(jobs, len(items))
@@ -394,6 +397,11 @@ def separate_files(
 
 
 _STOP_SIGNALS = interrupts.SIGNALS
+
+
+def _of_file(progress: Progress, index: int):
+    """The separator's ``progress(event, n)`` for file ``index`` as this module's ``(event, info)``."""
+    return lambda event, n: progress(event, {"file": index, "n": n})
 
 
 # --- worker processes ------------------------------------------------------------------------------
@@ -427,17 +435,17 @@ def _worker_init(model_source, targets, settings, record, threads, events, trust
 
 def _worker_run(index: int, item: InputItem, out: Path, excerpt: Excerpt, options: OutputOptions) -> FileResult:
     events = _WORKER["events"]
-    events.put((index, "start", 0))
+    events.put(("start", {"file": index}))
     _WORKER["busy"] = True
     try:
         return separate_file(_WORKER["separator"], item, out, excerpt, options, _WORKER["record"],
-                             lambda e, n: events.put((index, e, n)))
+                             _of_file(lambda e, info: events.put((e, info)), index))
     except Interrupted as exc:
         # the track is dropped and its lock released: this worker ends, the parent stops the rest
         os._exit(128 + exc.signum)
     finally:
         _WORKER["busy"] = False
-        events.put((index, "done", 0))
+        events.put(("done", {"file": index}))
 
 
 def _stop_workers(workers: list) -> None:
