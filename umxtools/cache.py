@@ -33,10 +33,8 @@ import concurrent.futures as cf
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import re
-import signal
 import sys
 import zlib
 from collections import deque
@@ -49,7 +47,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import h5py
 import numpy as np
 
-from umxtools import __version__, fileio
+from umxtools import __version__, fileio, workers
 from umxtools.audio import _first_line
 from umxtools.datasets import TrackRef, load_track
 from umxtools.errors import CacheError, OutputError, StaleCacheError, UmxError, UsageError
@@ -188,10 +186,7 @@ def encode_track(ref: TrackRef, index: int, options: CacheOptions) -> dict:
 def _worker_init() -> None:
     import torch
 
-    torch.set_num_threads(1)
-    # Ctrl-C goes to the whole process group: the parent stops the build and shuts the pool down;
-    # a worker that took it too would print its own KeyboardInterrupt traceback on stderr
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)  # one decode per process: --jobs processes share the cores
 
 
 def _where(ref: TrackRef) -> str:
@@ -209,13 +204,6 @@ def _encode_checked(ref: TrackRef, index: int, options: CacheOptions) -> dict:
         raise
     except Exception as exc:  # in a worker a traceback would reach no one but stderr
         raise CacheError(_where(ref), f"encoding track {ref.name!r} failed ({type(exc).__name__}: {_first_line(exc)})") from exc
-
-
-def _encode_job(args: tuple) -> dict | UmxError:
-    try:
-        return _encode_checked(*args)
-    except UmxError as exc:  # returned, not raised: the parent reports it with the track's file
-        return exc
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -599,12 +587,10 @@ def _encoded(todo: list[tuple], jobs: int) -> Iterator[dict]:
         for job in todo:
             yield _encode_checked(*job)
         return
-    # spawn, not fork: torch's thread pools do not survive fork safely
-    ctx = multiprocessing.get_context("spawn")
-    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init)
+    pool = workers.pool(jobs, _worker_init)
     try:
         queue = iter(todo)
-        pending = deque((pool.submit(_encode_job, job), job) for job in islice(queue, 2 * jobs))
+        pending = deque((pool.submit(workers.caught, _encode_checked, *job), job) for job in islice(queue, 2 * jobs))
         while pending:
             future, (ref, _, _) = pending.popleft()
             try:
@@ -614,7 +600,7 @@ def _encoded(todo: list[tuple], jobs: int) -> Iterator[dict]:
                                               "rerun with fewer --jobs") from None
             nxt = next(queue, None)
             if nxt is not None:
-                pending.append((pool.submit(_encode_job, nxt), nxt))
+                pending.append((pool.submit(workers.caught, _encode_checked, *nxt), nxt))
             if isinstance(result, UmxError):
                 raise result
             yield result

@@ -48,7 +48,6 @@ Audio is float64 ``(nb_samples, nb_channels)`` here, museval's axis order (see
 from __future__ import annotations
 
 import concurrent.futures as cf
-import multiprocessing
 import warnings
 from collections.abc import Callable
 from contextlib import closing
@@ -58,7 +57,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from umxtools import __version__, fileio, interrupts, oracle
+from umxtools import __version__, fileio, interrupts, oracle, workers
 from umxtools.audio import _first_line
 from umxtools.errors import (
     AudioError,
@@ -617,14 +616,12 @@ def _run_jobs(todo: list[_Job], jobs: int):
         for job in todo:
             yield _score_job(job)
         return
-    # spawn, not fork: the parent may hold torch or BLAS thread pools that do not survive fork.
-    # Workers keep the parent's BLAS and torch thread settings on purpose: museval's ISR/SIR/SAR,
+    # workers.pool: spawned, SIGINT ignored. Workers keep the parent's BLAS and torch thread settings on purpose: museval's ISR/SIR/SAR,
     # and the fast backend's that follow them, come from a least-squares solve that is
     # ill-conditioned for band-limited references (the toy data's vocals ISR moves by 2 dB between
     # 1 and 2 OpenBLAS threads), so --jobs N must run the very arithmetic --jobs 1 runs.
     # OMP_NUM_THREADS=1 or OPENBLAS_NUM_THREADS=1, set by the user, applies to both.
-    ctx = multiprocessing.get_context("spawn")
-    pool = cf.ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx, initializer=interrupts.ignore_sigint)
+    pool = workers.pool(min(jobs, len(todo)))
     try:
         futures = [pool.submit(_score_job, job) for job in todo]
         for future in cf.as_completed(futures):
@@ -637,22 +634,6 @@ def _run_jobs(todo: list[_Job], jobs: int):
             yield result
     finally:
         if interrupts.received() is not None:
-            _stop_workers(pool)  # SIGTERM or Ctrl-C: do not finish the tracks in flight
+            workers.stop(pool)  # SIGTERM or Ctrl-C: do not finish the tracks in flight
         # on an error: drop the queued tracks; finished ones are already written
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _stop_workers(pool: cf.ProcessPoolExecutor) -> None:
-    """Terminate a pool's workers now (what ProcessPoolExecutor.terminate_workers does in Python 3.14)."""
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        try:
-            process.terminate()
-        except (ProcessLookupError, ValueError):  # gone already, or closed
-            continue
-    for process in processes:
-        try:
-            process.join(timeout=10)
-        except (AssertionError, ValueError):
-            continue

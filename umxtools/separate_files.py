@@ -47,14 +47,13 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from umxtools import __version__, audio, fileio, interrupts
+from umxtools import __version__, audio, fileio, interrupts, workers
 from umxtools.errors import AudioError, ModelError, OutputError, UmxError, UsageError
 from umxtools.interrupts import Interrupted
 from umxtools.stems import OutputOptions, StemWriter, check_replaceable, is_complete, read_record, remove_stale
@@ -464,9 +463,7 @@ def _stop_workers(workers: list) -> None:
 
 def _in_processes(model_source, targets, settings, record, items, out, excerpt, options, jobs, progress, trust_code,
                   model_config=None) -> list[FileResult]:
-    # spawn, not fork: a forked child of a process that already ran torch's OpenMP pool can hang
-    ctx = multiprocessing.get_context("spawn")
-    events = ctx.Queue()
+    events = multiprocessing.get_context("spawn").Queue()  # the context of workers.pool's processes
     threads = max(1, (os.cpu_count() or 1) // jobs)
     stop = threading.Event()
 
@@ -480,8 +477,8 @@ def _in_processes(model_source, targets, settings, record, items, out, excerpt, 
     relay_thread = threading.Thread(target=relay, daemon=True)
     relay_thread.start()
     others = set(multiprocessing.active_children())
-    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
-                               initargs=(str(model_source), targets, settings, record, threads, events, trust_code, model_config))
+    # workers.pool: spawned; _worker_init then replaces the SIGINT it ignores with _worker_signal
+    pool = workers.pool(jobs, _worker_init, (str(model_source), targets, settings, record, threads, events, trust_code, model_config))
     try:
         futures = [pool.submit(_worker_run, i, item, out, excerpt, options) for i, item in enumerate(items)]
         results = [f.result() for f in futures]
