@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from umxtools import __version__, fileio, interrupts, oracle, workers
+from umxtools import __version__, fileio, interrupts, oracle, scores, workers
 from umxtools.audio import _first_line
 from umxtools.errors import (
     AudioError,
@@ -67,6 +67,8 @@ from umxtools.errors import (
     UmxError,
     UsageError,
 )
+# the score-file format lives in umxtools.scores; these names stay importable from here
+from umxtools.scores import SCORE_FORMAT, SCORE_FORMAT_VERSION, read_scores, score_path, to_json  # noqa: F401  (re-exported)
 from umxtools.references import (
     ACCOMPANIMENT,
     MUSDB_TARGETS,
@@ -93,11 +95,7 @@ USDR_DEFINITION = (
     "MDX whole-track SDR: 10*log10((sum(s**2) + 1e-7) / (sum((s - e)**2) + 1e-7)) over all samples and "
     "channels, s the reference, e the estimate padded/truncated to its length"
 )
-SCORE_FORMAT = "umxtools-scores"
-SCORE_FORMAT_VERSION = 1
 ESTIMATE_SUFFIX = ".wav"
-# settings a resumed run must share with the score files already there
-_RUN_KEYS = ("backend", "mode", "win", "hop", "targets")
 
 
 # --- backends ------------------------------------------------------------------------------------
@@ -297,33 +295,6 @@ def _single_target_problem(targets: list[str]) -> str:
             "scores nothing for a single target; score at least two targets (e.g. --targets vocals,accompaniment)")
 
 
-def to_json(doc: dict) -> str:
-    """A score document as museval writes it (simplejson, NaN allowed, Decimals kept)."""
-    import simplejson  # museval's own serializer; a museval dependency
-
-    return simplejson.dumps(doc, indent=2, allow_nan=True, use_decimal=True)
-
-
-def read_scores(path: str | Path) -> dict:
-    """Parse a score JSON (museval's or umxtools'); :class:`ScoreError` if it is not one."""
-    import simplejson
-
-    path = Path(path)
-    try:
-        doc = simplejson.loads(path.read_text(), allow_nan=True)
-    except (OSError, UnicodeDecodeError, simplejson.JSONDecodeError) as exc:
-        raise ScoreError(path, f"corrupt score file ({exc})") from exc
-    targets = doc.get("targets") if isinstance(doc, dict) else None
-    ok = isinstance(targets, list) and all(
-        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("frames"), list)
-        and all(isinstance(f, dict) and isinstance(f.get("metrics"), dict) for f in t["frames"])
-        for t in targets
-    )
-    if not ok:
-        raise ScoreError(path, "corrupt score file (not museval's format: no 'targets' list of named frame lists)")
-    return doc
-
-
 # --- a folder of estimates -----------------------------------------------------------------------
 
 
@@ -391,35 +362,6 @@ def discover_targets(base: Path, tracks: list[str], references: References) -> l
     return canonical_order(found)
 
 
-def score_path(output: str | Path, references: References, track: str) -> Path:
-    """``output/<prefix>/<track>.json``; :class:`UnsafeNameError` for a track name that is no plain file name."""
-    return Path(output) / references.prefix / f"{fileio.check_name(track, 'track')}.json"
-
-
-def _file_state(path: Path) -> tuple[int, int, int] | None:
-    """What tells one version of a file from another: inode, size, mtime (None: no file)."""
-    try:
-        st = path.stat()
-    except OSError:  # missing (or unreadable: writing it then reports why)
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _settings_problem(doc: dict, settings: dict) -> str | None:
-    """Why a score document cannot share a folder with this run's scores, or None."""
-    block = doc.get("umxtools")
-    if not isinstance(block, dict):
-        return "not written by umxtools eval (no 'umxtools' block), its settings are unknown"
-    for key in _RUN_KEYS:
-        if block.get(key) != settings[key]:
-            old, new = block.get(key), settings[key]
-            if key == "targets":
-                old = ",".join(map(str, old)) if isinstance(old, list) else old
-                new = ",".join(new)
-            return f"scored with {key} {old}, this run asks for {new}"
-    return None
-
-
 def _resume_state(path: Path, settings: dict, estimate_dir: Path, targets: list[str]) -> str:
     """``"todo"``, ``"done"`` or ``"stale"`` (estimates changed); ScoreError if settings differ.
 
@@ -432,7 +374,7 @@ def _resume_state(path: Path, settings: dict, estimate_dir: Path, targets: list[
     except ScoreError as exc:
         warnings.warn(f"{exc}; scoring the track again", stacklevel=3)
         return "todo"
-    problem = _settings_problem(doc, settings)
+    problem = scores.settings_problem(doc, settings)
     if problem:
         raise ScoreError(path, f"{problem}: score into another folder or pass --force to rescore")
     estimates = doc["umxtools"].get("estimates")
@@ -543,8 +485,8 @@ def evaluate_estimates(
                 summary.failed.append(DatasetError(estimate_dir, f"{problem}; finish the folder first: run the umxtools "
                                                    f"oracle command that writes {estimates} again (it redoes incomplete tracks)"))
                 continue
-        _remove_leftovers(path)
-        seen[name] = _file_state(path)
+        scores.remove_leftovers_of(path)
+        seen[name] = scores.file_state(path)
         state = "todo" if force else _resume_state(path, settings, estimate_dir, targets)
         if state == "done":
             summary.skipped.append(name)
@@ -562,7 +504,7 @@ def evaluate_estimates(
                 summary.failed.append(result)
             else:
                 try:
-                    _write_scores(score_path(output, references, track), result, seen[track], settings)
+                    scores.write_scores(score_path(output, references, track), result, seen[track], settings)
                 except (LockedError, ScoreError) as exc:  # this track only; a full disk stops the run
                     summary.failed.append(exc)
                 else:
@@ -572,37 +514,6 @@ def evaluate_estimates(
                 progress("advance", {"n": 1})
     summary.scored.sort()  # workers finish in any order
     return summary
-
-
-def _remove_leftovers(path: Path) -> None:
-    """Remove the temporary score files of ``path`` that killed runs left (under its lock; a
-    track another process holds now keeps its files)."""
-    if not fileio.leftovers(path):
-        return
-    try:
-        with fileio.exclusive(path):
-            fileio.remove_leftovers(path)
-    except LockedError:
-        pass
-
-
-def _write_scores(path: Path, text: str, seen: tuple | None, settings: dict) -> None:
-    """Write one track's score file, unless another run wrote it with other settings meanwhile.
-
-    ``seen`` is the file as this run found it before scoring (:func:`_file_state`). The check and
-    the write hold the track's lock, so two runs cannot both pass the check and then both write.
-    """
-    with fileio.exclusive(path):
-        fileio.remove_leftovers(path)  # a killed writer's temporaries: no live one exists under the lock
-        if _file_state(path) != seen:
-            try:
-                problem = _settings_problem(read_scores(path), settings)
-            except ScoreError:
-                problem = None  # unreadable: nothing worth keeping
-            if problem:
-                raise ScoreError(path, f"another run wrote it while this one scored the track ({problem}); "
-                                 "it is left as it is: score into another folder")
-        fileio.write_text(path, text)
 
 
 def _describe(references: References) -> str:
