@@ -81,6 +81,7 @@ slurm:
 	-@bin/slurm-local start
 
 test: install slurm
+	$(PYTHON) -m ruff check umxtools tests bench examples
 	$(PYTHON) -m pytest -q
 
 bench: install

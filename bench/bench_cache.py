@@ -17,7 +17,7 @@ of each cache configuration to the baseline measured in the same run. See bench/
 
 from __future__ import annotations
 
-from results_io import write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
+from results_io import write_json  # bench/ is on sys.path when run as a script
 
 import json
 import os
@@ -108,8 +108,8 @@ def import_openunmix():
     if str(SUPPORT) not in sys.path:
         sys.path.insert(0, str(SUPPORT))
     try:
-        import openunmix.data  # noqa: PLC0415
-        import openunmix.transforms  # noqa: PLC0415
+        import openunmix.data
+        import openunmix.transforms
     except ImportError as exc:
         return exc
     return openunmix
@@ -142,7 +142,7 @@ class MusdbBaseline(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: Path):
-        import musdb  # noqa: PLC0415
+        import musdb
 
         random.seed(SEED)
         self.mus = musdb.DB(root=str(root), is_wav=True, subsets="train", split="train")
@@ -229,7 +229,7 @@ def bench_build(root: Path, out: Path, repeats: int) -> dict:
 
 def cache_loader(dataset: RandomDataset, batch_size: int, num_workers: int) -> tuple[object, str]:
     """umxtools' fast loader (shared-memory buffer ring) and its name, recorded in the JSON."""
-    from umxtools.batching import CacheLoader  # noqa: PLC0415
+    from umxtools.batching import CacheLoader
 
     return CacheLoader(dataset, batch_size=batch_size, num_workers=num_workers), "umxtools.batching.CacheLoader"
 

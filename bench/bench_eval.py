@@ -21,9 +21,8 @@ configuration's ratio to the baseline of the same run.
 
 from __future__ import annotations
 
-from results_io import write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
+from results_io import write_json  # bench/ is on sys.path when run as a script
 
-import json
 import os
 import platform
 import statistics

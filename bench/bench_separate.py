@@ -27,7 +27,7 @@ another process takes a core (both sides run the same LSTMs, so their ratio is n
 
 from __future__ import annotations
 
-from results_io import write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
+from results_io import write_json  # bench/ is on sys.path when run as a script
 
 import json
 import os
@@ -56,10 +56,10 @@ RATE, N_FFT, N_HOP, BANDWIDTH = 44100, 4096, 1024, 16000
 
 def make_model(folder: Path, targets: list[str], hidden: int, seed: int) -> Path:
     """An open-unmix model folder of random-weight UMX models (umxtools' class: same state dict)."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from umxtools.models.umx import OpenUnmix  # noqa: PLC0415
-    from umxtools.transforms import bandwidth_to_max_bin  # noqa: PLC0415
+    from umxtools.models.umx import OpenUnmix
+    from umxtools.transforms import bandwidth_to_max_bin
 
     folder.mkdir(parents=True, exist_ok=True)
     max_bin = bandwidth_to_max_bin(RATE, N_FFT, BANDWIDTH)
@@ -135,8 +135,8 @@ def _env(threads: int | None) -> dict:
 def openunmix_child(wav: str, model: str, out: str, targets: str, niter: str) -> None:
     """The baseline, in its own process: what ``openunmix.predict.separate`` does, timed inside."""
     sys.path.insert(0, str(SUPPORT))
-    import torch  # noqa: PLC0415
-    from openunmix import utils  # noqa: PLC0415
+    import torch
+    from openunmix import utils
 
     names = targets.split(",")
     t0 = time.perf_counter()
@@ -173,7 +173,7 @@ def max_abs_diff(ours: Path, theirs: Path, targets: list[str]) -> dict:
 
 
 def machine() -> dict:
-    import torch  # noqa: PLC0415
+    import torch
 
     return {"cpu_count": os.cpu_count(), "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "python": platform.python_version(), "processor": platform.processor(),

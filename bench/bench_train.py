@@ -27,7 +27,7 @@ throughput ratios. Run on an idle machine (``machine.load_avg_*`` tells whether 
 
 from __future__ import annotations
 
-from results_io import write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
+from results_io import write_json  # bench/ is on sys.path when run as a script
 
 import json
 import os
@@ -133,7 +133,7 @@ def oracle_irm(track: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def sdr(reference: np.ndarray, estimate: np.ndarray, rate: int) -> float:
     """museval (bss_eval v4) SDR of one source, median over 1 s windows (silent windows skipped)."""
-    import museval  # noqa: PLC0415
+    import museval
 
     values, _, _, _ = museval.evaluate(reference.T[None], estimate.T[None], win=rate, hop=rate)
     return float(np.nanmedian(values[0]))
@@ -197,8 +197,8 @@ def train_model(name: str, train_cache: Path, valid_cache: Path, out: Path, flag
 def import_openunmix():
     if str(SUPPORT) not in sys.path:
         sys.path.insert(0, str(SUPPORT))
-    import openunmix.data  # noqa: PLC0415
-    import openunmix.transforms  # noqa: PLC0415
+    import openunmix.data
+    import openunmix.transforms
 
     return openunmix
 

@@ -226,7 +226,8 @@ def test_corrupt_and_truncated_caches(run_cli, toy_cache, tmp_path):
     with h5py.File(notcache, "w") as f:
         f["x"] = 1
     assert error_line(run_cli("cache", "info", notcache)).endswith("not a umxtools cache (no format attribute)")
-    assert error_line(run_cli("cache", "info", tmp_path / "nope.h5")).endswith("nope.h5: no such cache file (made by: umxtools cache musdb|folder|module SOURCE -o PATH)")
+    assert error_line(run_cli("cache", "info", tmp_path / "nope.h5")).endswith(
+        "nope.h5: no such cache file (made by: umxtools cache musdb|folder|module SOURCE -o PATH)")
 
 
 def test_settings_mismatch_is_named(toy_cache):

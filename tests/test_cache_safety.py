@@ -69,7 +69,8 @@ def test_a_second_build_of_the_same_output_fails_at_once_and_the_first_finishes(
         second = _umx("cache", "musdb", toy_root, "--is-wav", "--subsets", "test", "--force", "-q", "-o", out)
         stdout, stderr = second.communicate(timeout=120)
         elapsed = time.time() - start
-        pattern = rf"umxtools: error: {re.escape(str(out))}: another umxtools process is writing it \(pid {first.pid} on host .+\); wait for it to end or stop it"
+        pattern = (rf"umxtools: error: {re.escape(str(out))}: another umxtools process is writing it "
+                   rf"\(pid {first.pid} on host .+\); wait for it to end or stop it")
         assert second.returncode == 1 and stdout == "" and re.fullmatch(pattern, stderr.strip()), stderr
         assert elapsed < 60  # no track was decoded: python start-up and the listing only
         # a merge into the same output waits its turn just the same

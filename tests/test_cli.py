@@ -89,7 +89,6 @@ def _visible(command) -> dict[str, tuple[list[str], str]]:
 def test_one_flag_name_per_idea_in_every_commands_help():
     """`cache musdb --subsets` against `eval --subset`, `oracle --folder` against `eval --references`,
     `--target` against `--targets`, and two defaults of --device: one name and help each, now."""
-    import click
 
     expected = {"subset": ["--subset"], "subsets": ["--subset"], "targets": ["--targets"], "shard": ["--shard"],
                 "jobs": ["-j", "--jobs"], "quiet": ["-q", "--quiet"], "device": ["--device"], "references_dir": ["--references"]}

@@ -31,8 +31,8 @@ from umxtools.msst import build_msst_model
 demucs_apply = pytest.importorskip("demucs.apply")
 demucs_states = pytest.importorskip("demucs.states")
 
-from umxtools.models import foreign  # noqa: E402
-from umxtools.models.htdemucs import HTDemucs  # noqa: E402
+from umxtools.models import foreign  # noqa: E402  (after importorskip: these modules import demucs)
+from umxtools.models.htdemucs import HTDemucs  # noqa: E402  (after importorskip: these modules import demucs)
 
 
 def save_package(model: torch.nn.Module, path, half: bool = True):

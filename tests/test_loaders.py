@@ -6,7 +6,6 @@ import os
 import re
 import signal
 
-import numpy as np
 import pytest
 import soundfile as sf
 import torch

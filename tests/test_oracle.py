@@ -340,7 +340,7 @@ def test_shards_starting_together_both_claim_the_new_folder(toy, tmp_path, monke
     its manifest: it once read 'unknown estimates' there and refused the folder."""
     import threading
 
-    from umxtools import fileio, oracle
+    from umxtools import fileio
 
     refs = FolderReferences(str(_refs(toy, tmp_path / "refs", names=("t0", "t1"))))
     out = tmp_path / "est"
@@ -350,7 +350,7 @@ def test_shards_starting_together_both_claim_the_new_folder(toy, tmp_path, monke
     def other_shard():
         try:
             write_oracle(refs, "mix", out, targets=["vocals", "accompaniment"], shard=Shard(1, 2))
-        except Exception as exc:  # noqa: BLE001  (reported by the assertion below)
+        except Exception as exc:  # reported by the assertion below
             errors.append(exc)
 
     def claim_then_let_the_other_shard_look(folder, command, *args):

@@ -26,8 +26,8 @@ from umxtools.segments import (
 
 demucs_apply = pytest.importorskip("demucs.apply", reason="demucs is the reference: pip install 'umxtools[htdemucs]'")
 
-from umxtools.models.bsroformer import BSRoformer  # noqa: E402
-from umxtools.models.htdemucs import HTDemucs, HTDemucsBag, demucs_plan  # noqa: E402
+from umxtools.models.bsroformer import BSRoformer  # noqa: E402  (after importorskip: these modules import demucs)
+from umxtools.models.htdemucs import HTDemucs, HTDemucsBag, demucs_plan  # noqa: E402  (after importorskip: these modules import demucs)
 
 TOLERANCE = 1e-5
 RATE = 8000

@@ -119,7 +119,7 @@ def _read_soundfile(path: Path, start: int, frames: int | None) -> tuple[np.ndar
 def _read_torchaudio(path: Path, start: int, frames: int | None, cause: Exception) -> tuple[np.ndarray, int]:
     """Last resort for formats soundfile lacks; torchaudio is optional and often absent."""
     try:
-        import torchaudio  # noqa: PLC0415
+        import torchaudio
     except Exception:  # torchaudio missing or built for another torch: both mean "not available"
         raise AudioError(path, f"not a readable audio file ({_first_line(cause)})") from cause
     try:
@@ -175,7 +175,7 @@ def read_stems(path: str | Path) -> tuple[np.ndarray, int]:
 
 def _import_stempeg(path: Path):
     try:
-        import stempeg  # noqa: PLC0415  (it raises at import time unless ffmpeg is installed)
+        import stempeg  # it raises at import time unless ffmpeg is installed
     except Exception as exc:
         raise AudioError(path, "reading this format needs ffmpeg and ffprobe on PATH (apt-get install ffmpeg)") from exc
     return stempeg
@@ -193,15 +193,12 @@ def to_stereo(audio: np.ndarray, path: str | Path | None = None) -> np.ndarray:
 
 def resample(audio: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     """Resample ``(channels, samples)`` with soxr's very-high-quality preset."""
-    import soxr  # noqa: PLC0415  (only needed when rates differ)
+    import soxr  # only needed when rates differ
 
     if rate_in == rate_out:
         return audio
     out = soxr.resample(np.ascontiguousarray(audio.T), rate_in, rate_out, quality="VHQ")
     return np.ascontiguousarray(out.T, dtype=np.float32)
-
-
-SUBTYPES = {"16": "PCM_16", "24": "PCM_24", "32f": "FLOAT"}
 
 
 def write(path: str | Path, audio: np.ndarray, rate: int, subtype: str = "FLOAT") -> Path:

@@ -100,7 +100,7 @@ def _worker(dataset: _CacheDataset, buffers, tasks, results) -> None:
             results.put((seq, None))
         except UmxError as exc:
             results.put((seq, exc))
-        except Exception as exc:  # noqa: BLE001  (anything else travels back as one line: it may not pickle)
+        except Exception as exc:  # anything else travels back as one line: it may not pickle
             results.put((seq, CacheError(dataset.meta.path, f"a loader worker failed ({type(exc).__name__}: {_first_line(exc)})")))
 
 
@@ -166,7 +166,13 @@ class CacheLoader:
         if self._ring is None or not self._ring.buffers[0][0].is_shared():
             self._ring = _Ring(self.dataset, self.batch_size, 2 * self.num_workers + 2, shared=True)
         ring = self._ring
-        ctx = multiprocessing.get_context("fork")  # workers inherit the shared buffers and the dataset
+        # fork, and its own processes rather than umxtools.workers.pool (spawn): the workers
+        # inherit the dataset (index tables, the cache's path and settings) and the shared batch
+        # buffers they fill in place, with nothing pickled per epoch, as torch's own DataLoader
+        # forks on Linux. Fork is unsafe after torch has run only for a child that enters a
+        # parallel region of the inherited thread pool; these workers switch to one thread
+        # (_worker) and only copy and scale cache data into the buffers
+        ctx = multiprocessing.get_context("fork")
         tasks, results = ctx.Queue(), ctx.Queue()
         workers = [ctx.Process(target=_worker, args=(self.dataset, ring.buffers, tasks, results), daemon=True)
                    for _ in range(self.num_workers)]

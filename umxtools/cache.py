@@ -33,10 +33,8 @@ import concurrent.futures as cf
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import re
-import signal
 import sys
 import zlib
 from collections import deque
@@ -44,16 +42,19 @@ from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import h5py
 import numpy as np
 
-from umxtools import __version__, fileio
+from umxtools import __version__, fileio, workers
 from umxtools.audio import _first_line
 from umxtools.datasets import TrackRef, load_track
 from umxtools.errors import CacheError, OutputError, StaleCacheError, UmxError, UsageError
 from umxtools.transforms import STFTSettings
+
+if TYPE_CHECKING:
+    from umxtools.progress import Progress
 
 FORMAT = "umxtools.cache"
 FORMAT_VERSION = 1
@@ -66,7 +67,6 @@ STD_REL_FLOOR = 1e-4
 # at most 5 chunks, and a chunk fits HDF5's default 1 MiB chunk cache.
 CHUNK_FRAMES = 64
 
-Progress = Callable[[str, int], None]
 Note = Callable[[str], None]  # a message for the user ("PATH: ..."), printed even without progress
 
 
@@ -150,9 +150,9 @@ def magnitude_moments(spec: np.ndarray) -> np.ndarray:
 
 def encode_track(ref: TrackRef, index: int, options: CacheOptions) -> dict:
     """Decode a track and compute what the cache stores of it (arrays in their stored dtype)."""
-    import torch  # noqa: PLC0415  (workers import lazily; the parent may never need torch)
+    import torch  # workers import lazily; the parent may never need torch
 
-    from umxtools.transforms import stft  # noqa: PLC0415
+    from umxtools.transforms import stft
 
     settings = options.settings
     track = load_track(ref, settings.sample_rate, options.resample)
@@ -184,12 +184,9 @@ def encode_track(ref: TrackRef, index: int, options: CacheOptions) -> dict:
 
 
 def _worker_init() -> None:
-    import torch  # noqa: PLC0415
+    import torch
 
-    torch.set_num_threads(1)
-    # Ctrl-C goes to the whole process group: the parent stops the build and shuts the pool down;
-    # a worker that took it too would print its own KeyboardInterrupt traceback on stderr
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)  # one decode per process: --jobs processes share the cores
 
 
 def _where(ref: TrackRef) -> str:
@@ -205,15 +202,8 @@ def _encode_checked(ref: TrackRef, index: int, options: CacheOptions) -> dict:
         return encode_track(ref, index, options)
     except UmxError:
         raise
-    except Exception as exc:  # noqa: BLE001  (in a worker a traceback would reach no one but stderr)
+    except Exception as exc:  # in a worker a traceback would reach no one but stderr
         raise CacheError(_where(ref), f"encoding track {ref.name!r} failed ({type(exc).__name__}: {_first_line(exc)})") from exc
-
-
-def _encode_job(args: tuple) -> dict | UmxError:
-    try:
-        return _encode_checked(*args)
-    except UmxError as exc:  # returned, not raised: the parent reports it with the track's file
-        return exc
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -331,7 +321,7 @@ def _filters(compression: str) -> dict:
         return {"compression": "lzf", "shuffle": True}
     if compression == "gzip":
         return {"compression": "gzip", "compression_opts": 4, "shuffle": True}
-    import hdf5plugin  # noqa: PLC0415
+    import hdf5plugin
 
     return {**hdf5plugin.Zstd(clevel=3), "shuffle": True}
 
@@ -419,13 +409,13 @@ def build_cache(
                     for message in _resume_notes(out, work, len(selected), len(selected) - len(todo), changed, discarded):
                         note(message)
                 if progress:
-                    progress("total", len(selected))
-                    progress("advance", len(selected) - len(todo))
+                    progress("total", {"n": len(selected)})
+                    progress("advance", {"n": len(selected) - len(todo)})
                 with closing(_encoded(todo, jobs)) as encoded:
                     for payload in encoded:
                         _write_part(work / f"track-{payload['index']:05d}.h5", payload, options)
                         if progress:
-                            progress("advance", 1)
+                            progress("advance", {"n": 1})
             except OSError as exc:
                 raise fileio.output_error(out, exc) from exc
             except OutputError as exc:
@@ -495,7 +485,7 @@ def _is_cache(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as f:
             return f.attrs.get("format") == FORMAT
-    except Exception:  # noqa: BLE001  (h5py raises OSError, and others for odd files: none is a cache)
+    except Exception:  # h5py raises OSError, and others for odd files: none is a cache
         return False
 
 
@@ -597,12 +587,10 @@ def _encoded(todo: list[tuple], jobs: int) -> Iterator[dict]:
         for job in todo:
             yield _encode_checked(*job)
         return
-    # spawn, not fork: torch's thread pools do not survive fork safely
-    ctx = multiprocessing.get_context("spawn")
-    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init)
+    pool = workers.pool(jobs, _worker_init)
     try:
         queue = iter(todo)
-        pending = deque((pool.submit(_encode_job, job), job) for job in islice(queue, 2 * jobs))
+        pending = deque((pool.submit(workers.caught, _encode_checked, *job), job) for job in islice(queue, 2 * jobs))
         while pending:
             future, (ref, _, _) = pending.popleft()
             try:
@@ -612,7 +600,7 @@ def _encoded(todo: list[tuple], jobs: int) -> Iterator[dict]:
                                               "rerun with fewer --jobs") from None
             nxt = next(queue, None)
             if nxt is not None:
-                pending.append((pool.submit(_encode_job, nxt), nxt))
+                pending.append((pool.submit(workers.caught, _encode_checked, *nxt), nxt))
             if isinstance(result, UmxError):
                 raise result
             yield result

@@ -236,9 +236,9 @@ def _short(value) -> str:
 
 def rng_state() -> dict:
     """The generators' states, in types ``weights_only`` loading accepts."""
-    import random  # noqa: PLC0415
+    import random
 
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -250,9 +250,9 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    import random  # noqa: PLC0415
+    import random
 
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     torch.set_rng_state(state["torch"])
     random.setstate(_tuples(state["python"]))
@@ -311,11 +311,11 @@ def read_history(path: Path) -> list[dict]:
 def write_curves(files: RunFiles) -> None:
     """``curves.png``: train (dashed) and valid (solid) loss per epoch of every run in the folder,
     the epoch of the kept weights marked (on the train loss for a run without validation)."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")  # no display: training runs on servers
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    from matplotlib import ticker  # noqa: PLC0415
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     runs = {}
     for p in sorted(files.folder.glob("*.history.csv")):

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from umxtools import __version__
+from umxtools import __version__, evaluation, oracle, pretrained, references, report, stems
 from umxtools.errors import UmxError
 from umxtools.interrupts import Interrupted
-
-stderr = Console(stderr=True)
+from umxtools.models import DEMUCS_NAMES
+from umxtools.progress import TrainProgress, counter_bar, file_bars, note, stderr
 
 
 class _State:
@@ -71,49 +70,11 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     click.echo(f"umxtools: warning: {message}", err=True)
 
 
-def _note(message: str) -> None:
-    """``umxtools: note: PATH: message`` on stderr, also with ``-q``: what a command did that the
-    user may not expect (nothing at all, work reused, a default that changes the result)."""
-    stderr.print(f"umxtools: note: {message}", markup=False, highlight=False, soft_wrap=True)
-
-
-@contextmanager
-def _progress(description: str, quiet: bool):
-    """A rich progress bar on stderr driven by the library's ``progress(event, n)`` callback."""
-    if quiet:
-        yield None
-        return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    # transient: the bar leaves no line behind, so an error stays the only line on stderr; off
-    # where stderr is not a terminal (a job's log file), where rich would leave a blank line
-    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(event: str, n: int) -> None:
-            if event == "total":
-                bar.update(task, total=n)
-            else:
-                bar.advance(task, n)
-
-        yield update
-
 
 def _csv(value: str | None) -> list[str] | None:
     if value is None:
         return None
     return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _library(module: str, name: str):
-    """A value of the library (a registry, a default), imported when the CLI is built."""
-    import importlib  # noqa: PLC0415
-
-    return getattr(importlib.import_module(module), name)
-
-
-def _registry(module: str, name: str) -> list[str]:
-    """Choice lists come from the library's registries."""
-    return list(_library(module, name))
 
 
 # --- flags shared by several commands: one decorator each, one name, one help text, one default ------
@@ -166,7 +127,7 @@ def _subset_option(default: str, single: bool = False, dest: str = "subset"):
     The value is one subset's name, or with several the list (musdb.DB takes both). ``single``:
     the command handles one subset per run, and says so for more.
     """
-    choices = _registry("umxtools.references", "MUSDB_SUBSETS")
+    choices = list(references.MUSDB_SUBSETS)
 
     def check(ctx, param, value):
         names = _names(value)
@@ -198,7 +159,7 @@ def _device_option(f):
     """``--device``: one default, ``auto``, for every command that runs a model."""
 
     def check(ctx, param, value):
-        import re  # noqa: PLC0415
+        import re
 
         # the form only; the library says which of them it can use here (CUDA present, N in range)
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
@@ -253,7 +214,7 @@ def _references_options(f):
 @click.option("--seed", default=0, show_default=True, type=int)
 def toy(out: Path, tracks: int, test_tracks: int | None, seconds: float, seed: int) -> None:
     """Write a synthetic MUSDB18-HQ-layout dataset (vocals, drums, bass, other, mixture)."""
-    from umxtools.toy import make_toy_dataset  # noqa: PLC0415
+    from umxtools.toy import make_toy_dataset
 
     make_toy_dataset(out, tracks=tracks, seconds=seconds, seed=seed, test_tracks=test_tracks)
     click.echo(str(out))
@@ -269,7 +230,7 @@ def cache() -> None:
 
 def _cache_build_options(f):
     """Flags every cache-building command shares (storage, STFT, sharding, parallelism)."""
-    from umxtools.cache import CHUNK_FRAMES, COMPRESSIONS, DTYPES  # noqa: PLC0415
+    from umxtools.cache import CHUNK_FRAMES, COMPRESSIONS, DTYPES
 
     options = [
         click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Cache file to write (.h5)."),
@@ -293,14 +254,14 @@ def _cache_build_options(f):
 
 
 def _build(refs, sources, meta, out, dtype, compression, chunk_frames, waveforms, sample_rate, nfft, nhop, resample, shard, jobs, force, quiet):
-    from umxtools.cache import CacheOptions, Shard, build_cache  # noqa: PLC0415
-    from umxtools.transforms import STFTSettings  # noqa: PLC0415
+    from umxtools.cache import CacheOptions, Shard, build_cache
+    from umxtools.transforms import STFTSettings
 
     options = CacheOptions(settings=STFTSettings(sample_rate=sample_rate, n_fft=nfft, n_hop=nhop), dtype=dtype,
                            compression=compression, chunk_frames=chunk_frames, waveforms=waveforms, resample=resample)
-    with _progress(f"caching {out.name}", quiet) as progress:
+    with counter_bar(f"caching {out.name}", quiet) as progress:
         path = build_cache(refs, out, sources, options, meta=meta, shard=Shard.parse(shard), jobs=jobs, force=force,
-                           command=["umxtools", *sys.argv[1:]], progress=progress, note=_note)
+                           command=["umxtools", *sys.argv[1:]], progress=progress, note=note)
     click.echo(str(path))
 
 
@@ -314,7 +275,7 @@ def _build(refs, sources, meta, out, dtype, compression, chunk_frames, waveforms
 @_cache_build_options
 def cache_musdb(root: Path, is_wav: bool, subsets: str, split: str, valid_tracks: str | None, **kw) -> None:
     """Cache MUSDB18 (.stem.mp4) or MUSDB18-HQ (--is-wav) through musdb's DB."""
-    from umxtools.datasets import MUSDB_SOURCES, musdb_tracks  # noqa: PLC0415
+    from umxtools.datasets import MUSDB_SOURCES, musdb_tracks
 
     split_arg = None if split == "all" or subsets == "test" else split
     refs = musdb_tracks(root, is_wav=is_wav, subsets=subsets, split=split_arg, valid_tracks=_csv(valid_tracks))
@@ -337,7 +298,7 @@ def cache_musdb(root: Path, is_wav: bool, subsets: str, split: str, valid_tracks
 def cache_folder(root: Path, layout: str, split: str | None, sources: str | None, input_file: str, output_file: str,
                  mixture_file: str, variable_sources: bool, **kw) -> None:
     """Cache a folder dataset in one of open-unmix's custom layouts."""
-    from umxtools.datasets import folder_tracks  # noqa: PLC0415
+    from umxtools.datasets import folder_tracks
 
     base = root / split if split else root
     names = _csv(sources)
@@ -358,7 +319,7 @@ def cache_folder(root: Path, layout: str, split: str | None, sources: str | None
 @_cache_build_options
 def cache_module(spec: str, args: tuple[str, ...], **kw) -> None:
     """Cache a user's dataset class (see examples/template_dataset.py for the contract)."""
-    from umxtools.datasets import module_tracks  # noqa: PLC0415
+    from umxtools.datasets import module_tracks
 
     kwargs = {}
     for item in args:
@@ -379,7 +340,7 @@ def cache_module(spec: str, args: tuple[str, ...], **kw) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def cache_info(file: Path, as_json: bool) -> None:
     """Tracks, duration, sources, settings and size of a cache."""
-    from umxtools.cache import cache_summary  # noqa: PLC0415
+    from umxtools.cache import cache_summary
 
     summary = cache_summary(file)
     if as_json:
@@ -404,14 +365,14 @@ def cache_info(file: Path, as_json: bool) -> None:
 def cache_check(file: Path) -> None:
     """Verify every checksum, the statistics, that every track fits the cache's settings, and that
     the input files did not change since the build; print a one-line verdict."""
-    from umxtools.cache import check_cache  # noqa: PLC0415
-    from umxtools.errors import CacheError  # noqa: PLC0415
+    from umxtools.cache import check_cache
+    from umxtools.errors import CacheError
 
     report = check_cache(file)
     for p in report.problems:  # the report itself, on stdout; the verdict is the error line
         click.echo(f"{file}: {p}")
-    for note in report.notes:
-        click.echo(f"{file}: note: {note}")
+    for remark in report.notes:
+        click.echo(f"{file}: note: {remark}")
     if not report.ok:
         raise CacheError(file, report.verdict)
     click.echo(f"{file}: {report.verdict}")
@@ -423,7 +384,7 @@ def cache_check(file: Path) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 def cache_merge(out: Path, shards: tuple[Path, ...], force: bool) -> None:
     """Join shard caches (built with --shard K/N) and recompute the statistics."""
-    from umxtools.cache import merge_caches  # noqa: PLC0415
+    from umxtools.cache import merge_caches
 
     click.echo(str(merge_caches(out, list(shards), force=force, command=["umxtools", *sys.argv[1:]])))
 
@@ -432,7 +393,7 @@ def cache_merge(out: Path, shards: tuple[Path, ...], force: bool) -> None:
 
 
 def _train_model_spec(ctx, param, value: str) -> str:
-    from umxtools.models import MODELS  # noqa: PLC0415  (torch-free registry)
+    from umxtools.models import MODELS  # torch-free registry
 
     if value not in MODELS and ":" not in value:
         raise click.BadParameter(f"{value!r} is neither {' nor '.join(repr(m) for m in MODELS)} nor MODULE:CLASS")
@@ -440,7 +401,7 @@ def _train_model_spec(ctx, param, value: str) -> str:
 
 
 def _waveform_losses() -> list[str]:
-    from umxtools.models import LOSSES  # noqa: PLC0415  (torch-free registry)
+    from umxtools.models import LOSSES  # torch-free registry
 
     return list(LOSSES["waveform"])
 
@@ -457,55 +418,6 @@ def _key_values(items: tuple[str, ...], flag: str) -> dict:
         except ValueError:
             parsed[key] = value
     return parsed
-
-
-class _TrainProgress:
-    """Renders :func:`umxtools.training.train`'s events on stderr: a transient rich bar per epoch
-    (batch, loss, samples/s) on a terminal, and one permanent log line per epoch (what a cluster
-    job's log file keeps). ``quiet`` (``-q``) keeps only the notes."""
-
-    def __init__(self, quiet: bool = False):
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"), TimeElapsedColumn())
-        self.bar = Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal)
-        self.quiet = quiet
-        self.task = None
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
-
-    def __call__(self, event: str, info: dict) -> None:
-        if event == "note":
-            _note(info["message"])
-        elif self.quiet:
-            return
-        elif event == "start":
-            verb = "resuming" if info["resumed"] else "training"
-            stderr.print(f"{verb} {', '.join(info['targets'])}: {info['model']} ({info['parameters'] / 1e6:.2f} M parameters) on "
-                         f"{info['device']}" + (f" x {info['world_size']} processes" if info["world_size"] > 1 else "")
-                         + f", epochs {info['first_epoch']}..{info['epochs']}, {info['batches']} batches each -> {info['output']}",
-                         highlight=False, soft_wrap=True)
-        elif event == "batch":
-            if self.task is None:
-                self.task = self.bar.add_task("", total=info["batches"], loss="-", speed="-")
-            self.bar.update(self.task, completed=info["batch"], description=f"epoch {info['epoch']}",
-                            loss=f"{info['loss']:.4g}", speed=f"{info['samples_per_s']:.1f}")
-        elif event == "epoch":
-            if self.task is not None:
-                self.bar.remove_task(self.task)
-                self.task = None
-            validated = info["valid_loss"] is not None  # None: training without --valid
-            mark = "  best" if info["best"] and validated else ""
-            valid = f"  valid {info['valid_loss']:.5g}" if validated else ""
-            stderr.print(f"epoch {info['epoch']}/{info['epochs']}  train {info['train_loss']:.5g}{valid}  "
-                         f"lr {info['lr']:.2g}  {info['seconds']:.1f} s  {info['samples_per_s']:.1f} samples/s  "
-                         f"data wait {100 * info['data_wait']:.0f}%{mark}", highlight=False, soft_wrap=True)
-        elif event == "stop":
-            stderr.print(f"stopped after epoch {info['epoch']}: {info['reason']}", highlight=False, soft_wrap=True)
 
 
 @cli.command()
@@ -560,8 +472,8 @@ def train(cache: Path, valid: Path | None, output: Path, target: str | None, tar
 
     Under `torchrun --nproc-per-node N -m umxtools train ...` it trains data-parallel.
     """
-    from umxtools.distributed import from_env  # noqa: PLC0415
-    from umxtools.training import TrainConfig, train as train_model  # noqa: PLC0415
+    from umxtools.distributed import from_env
+    from umxtools.training import TrainConfig, train as train_model
 
     if target is not None and targets is not None:
         raise click.UsageError("give --target or --targets, not both")
@@ -577,7 +489,7 @@ def train(cache: Path, valid: Path | None, output: Path, target: str | None, tar
         if rank != 0:
             path = train_model(config)
         else:
-            with _TrainProgress(quiet) as progress:
+            with TrainProgress(quiet) as progress:
                 path = train_model(config, progress)
     except UmxError:
         if rank != 0:
@@ -592,7 +504,7 @@ def train(cache: Path, valid: Path | None, output: Path, target: str | None, tar
 
 def _references(musdb_root: Path | None, is_wav: bool, subset: str, folder: Path | None):
     """The references of eval and oracle: a MUSDB18 root through musdb, or a folder of tracks."""
-    from umxtools.references import FolderReferences, MusdbReferences  # noqa: PLC0415
+    from umxtools.references import FolderReferences, MusdbReferences
 
     if (musdb_root is None) == (folder is None):
         raise click.UsageError("give the references: --musdb ROOT or --references DIR (one of them)")
@@ -609,7 +521,7 @@ def _references(musdb_root: Path | None, is_wav: bool, subset: str, folder: Path
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Scores folder: one museval JSON per track.")
 @_targets_option("every target with estimates")
-@click.option("--backend", type=click.Choice(_registry("umxtools.evaluation", "BACKENDS")), default=_library("umxtools.evaluation", "DEFAULT_BACKEND"),
+@click.option("--backend", type=click.Choice(list(evaluation.BACKENDS)), default=evaluation.DEFAULT_BACKEND,
               show_default=True, help="Scoring backend: fast (umxtools.metrics, museval's numbers within 0.01 dB) or museval itself.")
 @_jobs_option
 @_shard_option("tracks")
@@ -622,12 +534,12 @@ def eval_command(estimates: Path, musdb_root: Path | None, is_wav: bool, subset:
     Prints the scores folder on stdout when every track of the run has its scores; SIGTERM or
     Ctrl-C stop it cleanly (exit 143, 130) and a rerun continues.
     """
-    from umxtools.cache import Shard  # noqa: PLC0415
-    from umxtools.evaluation import evaluate_estimates  # noqa: PLC0415
-    from umxtools.interrupts import interruptible  # noqa: PLC0415
+    from umxtools.cache import Shard
+    from umxtools.evaluation import evaluate_estimates
+    from umxtools.interrupts import interruptible
 
     references = _references(musdb_root, is_wav, subset, references_dir)
-    with interruptible(), _progress(f"scoring {estimates.name}", quiet) as progress:
+    with interruptible(), counter_bar(f"scoring {estimates.name}", quiet) as progress:
         summary = evaluate_estimates(estimates, references, output, targets=_csv(targets), backend=backend, jobs=jobs,
                                      shard=Shard.parse(shard), force=force, progress=progress)
     for error in summary.failed:  # per-track problems: the other tracks' scores are written
@@ -642,7 +554,7 @@ def eval_command(estimates: Path, musdb_root: Path | None, is_wav: bool, subset:
 
 @cli.command("oracle")
 @click.argument("root", required=False, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--method", type=click.Choice(_registry("umxtools.oracle", "METHODS")), required=True,
+@click.option("--method", type=click.Choice(list(oracle.METHODS)), required=True,
               help="mix: mixture/J; irm1, irm2: ratio masks (magnitude, power); ibm: binary mask; mwf: multichannel Wiener.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Estimates folder to write.")
 @_references_options
@@ -661,9 +573,9 @@ def oracle_command(root: Path | None, method: str, output: Path, musdb_root: Pat
     The references: --musdb ROOT (ROOT alone means the same) or --references DIR. A rerun skips
     tracks that are complete; SIGTERM or Ctrl-C stop it cleanly (exit 143, 130).
     """
-    from umxtools.cache import Shard  # noqa: PLC0415
-    from umxtools.interrupts import interruptible  # noqa: PLC0415
-    from umxtools.oracle import write_oracle  # noqa: PLC0415
+    from umxtools.cache import Shard
+    from umxtools.interrupts import interruptible
+    from umxtools.oracle import write_oracle
 
     if root is not None:
         if musdb_root is not None or references_dir is not None:
@@ -676,7 +588,7 @@ def oracle_command(root: Path | None, method: str, output: Path, musdb_root: Pat
     elif folder:
         raise click.UsageError("--folder (deprecated) goes with ROOT; use --references DIR")
     references = _references(musdb_root, is_wav, subset, references_dir)
-    with interruptible(), _progress(f"oracle {method}", quiet) as progress:
+    with interruptible(), counter_bar(f"oracle {method}", quiet) as progress:
         summary = write_oracle(references, method, output, targets=_csv(targets), shard=Shard.parse(shard), force=force,
                                progress=progress)
     for error in summary.failed:  # tracks another process is writing: the other tracks are written
@@ -692,13 +604,13 @@ def oracle_command(root: Path | None, method: str, output: Path, musdb_root: Pat
 @click.argument("scores", nargs=-1, required=True, metavar="[NAME=]SCORES...")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Report folder (report.csv, report.md, sdr_<target>.png): new, empty or an earlier report's.")
-@click.option("--agg", type=click.Choice(_registry("umxtools.report", "AGGREGATIONS")), default="median", show_default=True,
+@click.option("--agg", type=click.Choice(list(report.AGGREGATIONS)), default="median", show_default=True,
               help="median: over frames then tracks (SiSEC); mean: both means; mean-of-medians: median over frames, mean over tracks.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the SDR box plots.")
 @_quiet_option
 def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool, quiet: bool) -> None:
     """Compare scores folders: one table of methods x targets x metrics, as CSV, Markdown and plots."""
-    from umxtools.report import make_report, to_rich_table  # noqa: PLC0415
+    from umxtools.report import make_report, to_rich_table
 
     report = make_report(list(scores), output, agg=agg, plots=plots)
     if not quiet:
@@ -716,10 +628,10 @@ def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool,
 @click.option("-o", "--output", "out", default="separated", show_default=True, type=click.Path(path_type=Path),
               help="Writes OUT/<input name>/<target>.wav and separation.json.")
 @click.option("--model", default=None,
-              help=f"Model folder, or a published open-unmix model: {', '.join(_registry('umxtools.pretrained', 'PUBLISHED'))} "
+              help=f"Model folder, or a published open-unmix model: {', '.join(pretrained.PUBLISHED)} "
                    "(downloaded into torch.hub's cache); "
-                   f"or a demucs .th file or name ({', '.join(_registry('umxtools.models', 'DEMUCS_NAMES'))}); "
-                   f"or an MSST .ckpt with --model-config [default: {_library('umxtools.pretrained', 'DEFAULT')}, if its files "
+                   f"or a demucs .th file or name ({', '.join(DEMUCS_NAMES)}); "
+                   f"or an MSST .ckpt with --model-config [default: {pretrained.DEFAULT}, if its files "
                    "are in torch.hub's cache].")
 @click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path), default=None, help="The MSST YAML config of a .ckpt --model.")
 @_targets_option("all of the model's")
@@ -746,10 +658,10 @@ def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool,
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None, help="Length of the excerpt (s) [default: to the end].")
 @click.option("--keep-rate/--no-keep-rate", default=True, show_default=True,
               help="Write at the input's sample rate (resampled back from the model's), else at the model's.")
-@click.option("--format", "fmt", type=click.Choice(_registry("umxtools.stems", "FORMATS")), default="wav", show_default=True)
-@click.option("--bits", type=click.Choice(_registry("umxtools.stems", "BITS")), default=None,
+@click.option("--format", "fmt", type=click.Choice(list(stems.FORMATS)), default="wav", show_default=True)
+@click.option("--bits", type=click.Choice(list(stems.BITS)), default=None,
               help="Sample format: 16, 24 or 32f (float) [default: 32f for wav, 24 for flac].")
-@click.option("--clip", type=click.Choice(_registry("umxtools.stems", "CLIP_MODES")), default="clip", show_default=True,
+@click.option("--clip", type=click.Choice(list(stems.CLIP_MODES)), default="clip", show_default=True,
               help="Integer output beyond full scale: clip it (with a warning) or rescale the track's stems by one gain.")
 @_shard_option("inputs")
 @click.option("--force", is_flag=True,
@@ -762,19 +674,20 @@ def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool,
 @_quiet_option
 def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path, model: str | None, model_config: Path | None, targets: str | None, niter: int,
                      softmask: bool, residual: bool, wiener_win_len: int, aggregate: tuple[str, ...], segment: float | None,
-                     overlap: float, shifts: int, seed: int, batch_size: int | None, num_overlap: int | None, device: str, jobs: int, start: float, duration: float | None, keep_rate: bool, fmt: str,
+                     overlap: float, shifts: int, seed: int, batch_size: int | None, num_overlap: int | None, device: str, jobs: int,
+                     start: float, duration: float | None, keep_rate: bool, fmt: str,
                      bits: str | None, clip: str, shard: str | None, force: bool, trust_code: bool, quiet: bool) -> None:
     """Separate audio files (or folders of them) into their sources with an Open-Unmix or umxtools model.
 
     A rerun skips the inputs already separated with the same settings (a requeued Slurm task
     continues); SIGTERM and Ctrl-C stop it cleanly, keeping the finished tracks.
     """
-    from umxtools.interrupts import interruptible  # noqa: PLC0415
-    from umxtools.separate_files import Excerpt, collect_inputs, read_list, select_shard, separate_files  # noqa: PLC0415
-    from umxtools.separation import SeparationSettings, parse_aggregate  # noqa: PLC0415
-    from umxtools.stems import OutputOptions  # noqa: PLC0415
+    from umxtools.interrupts import interruptible
+    from umxtools.separate_files import Excerpt, collect_inputs, read_list, select_shard, separate_files
+    from umxtools.separation import SeparationSettings, parse_aggregate
+    from umxtools.stems import OutputOptions
 
-    from umxtools.cache import Shard  # noqa: PLC0415
+    from umxtools.cache import Shard
 
     paths = [*inputs, *(read_list(list_file) if list_file else [])]
     items = select_shard(collect_inputs(paths), Shard.parse(shard))
@@ -782,7 +695,7 @@ def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path,
                                   aggregate=parse_aggregate(aggregate), segment=segment, overlap=overlap, device=device,
                                   shifts=shifts, seed=seed, batch_size=batch_size, num_overlap=num_overlap)
     options = OutputOptions(format=fmt, bits=bits, clip=clip, keep_rate=keep_rate, force=force)
-    with interruptible(), _files_progress([item.path.name for item in items], quiet) as progress:
+    with interruptible(), file_bars([item.path.name for item in items], quiet) as progress:
         results = separate_files(model, items, out, settings, targets=_csv(targets), excerpt=Excerpt(start, duration),
                                  options=options, jobs=jobs, progress=progress, command=["umxtools", *sys.argv[1:]],
                                  trust_code=trust_code, lists=[list_file] if list_file else [], model_config=model_config)
@@ -806,30 +719,3 @@ def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path,
     if not quiet:
         skipped = sum(r.skipped for r in results)
         click.echo(f"separated {len(results) - skipped}, skipped {skipped} already done", err=True)
-
-
-@contextmanager
-def _files_progress(names: list[str], quiet: bool):
-    """One transient rich progress bar per file being separated; ``progress(index, event, n)``."""
-    if quiet:
-        yield None
-        return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    # disabled off a terminal (a job's log file): a transient bar there leaves an empty line on
-    # stderr when it stops, before any error line
-    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
-        tasks: dict[int, int] = {}
-
-        def update(index: int, event: str, n: int) -> None:
-            if event == "start":
-                tasks[index] = bar.add_task(f"separating {names[index]}", total=None)
-            elif event == "done":
-                if index in tasks:
-                    bar.remove_task(tasks.pop(index))
-            elif index in tasks:
-                if event == "total":
-                    bar.update(tasks[index], total=n)
-                else:
-                    bar.advance(tasks[index], n)
-
-        yield update

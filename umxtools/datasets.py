@@ -87,7 +87,7 @@ def musdb_tracks(
     if split is not None and subsets != "train":
         raise UsageError(None, "--split selects from the train subset: use it with --subset train alone (--split all for the others)")
     try:
-        import musdb  # noqa: PLC0415  (imports stempeg, which needs ffmpeg)
+        import musdb  # imports stempeg, which needs ffmpeg
     except Exception as exc:
         raise DatasetError(root, "musdb needs ffmpeg and ffprobe on PATH (apt-get install ffmpeg)") from exc
     try:
@@ -275,7 +275,7 @@ def module_tracks(spec: str, args: dict[str, Any]) -> tuple[list[TrackRef], list
     try:
         count = len(dataset)
         names = [_module_track_name(dataset, i) for i in range(count)]
-    except Exception as exc:  # noqa: BLE001  (user code)
+    except Exception as exc:  # user code
         raise DatasetError(spec, f"listing tracks failed: {type(exc).__name__}: {audio._first_line(exc)}") from exc
     if not names:
         raise DatasetError(spec, "the dataset has no items (len() is 0)")
@@ -319,7 +319,7 @@ def instantiate_module(spec: str, args: dict[str, Any]):
         raise
     except TypeError as exc:
         raise DatasetError(spec, f"cannot construct with {args} ({exc})") from exc
-    except Exception as exc:  # noqa: BLE001  (user code: any failure is reported, not a traceback)
+    except Exception as exc:  # user code: any failure is reported, not a traceback
         raise DatasetError(spec, f"constructor failed: {type(exc).__name__}: {audio._first_line(exc)}") from exc
     for needed in ("__len__", "__getitem__"):
         if not hasattr(dataset, needed):
@@ -358,7 +358,7 @@ def _import_user_module(module_name: str):
         raise
     except ImportError as exc:
         raise DatasetError(module_name, f"cannot import ({exc})") from exc
-    except Exception as exc:  # noqa: BLE001  (a syntax or runtime error in the user's module)
+    except Exception as exc:  # a syntax or runtime error in the user's module
         raise DatasetError(module_name, f"cannot import ({type(exc).__name__}: {audio._first_line(exc)})") from exc
 
 
@@ -368,7 +368,7 @@ def module_item(dataset, spec: str, index: int):
         return dataset[index]
     except UmxError:
         raise
-    except Exception as exc:  # noqa: BLE001  (user code)
+    except Exception as exc:  # user code
         raise DatasetError(f"{spec}[{index}]", f"__getitem__ failed: {type(exc).__name__}: {audio._first_line(exc)}") from exc
 
 

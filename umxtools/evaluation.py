@@ -48,7 +48,6 @@ Audio is float64 ``(nb_samples, nb_channels)`` here, museval's axis order (see
 from __future__ import annotations
 
 import concurrent.futures as cf
-import multiprocessing
 import warnings
 from collections.abc import Callable
 from contextlib import closing
@@ -58,7 +57,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from umxtools import __version__, fileio, interrupts, oracle
+from umxtools import __version__, fileio, interrupts, oracle, scores, workers
 from umxtools.audio import _first_line
 from umxtools.errors import (
     AudioError,
@@ -68,6 +67,8 @@ from umxtools.errors import (
     UmxError,
     UsageError,
 )
+# the score-file format lives in umxtools.scores; these names stay importable from here
+from umxtools.scores import SCORE_FORMAT, SCORE_FORMAT_VERSION, read_scores, score_path, to_json  # noqa: F401  (re-exported)
 from umxtools.references import (
     ACCOMPANIMENT,
     MUSDB_TARGETS,
@@ -79,6 +80,7 @@ from umxtools.references import (
 
 if TYPE_CHECKING:
     from umxtools.cache import Shard
+    from umxtools.progress import Progress
 
 MODE = "v4"
 WIN = 1.0  # seconds: SiSEC 2018's (and museval's default) 1 s windows and hops
@@ -93,11 +95,7 @@ USDR_DEFINITION = (
     "MDX whole-track SDR: 10*log10((sum(s**2) + 1e-7) / (sum((s - e)**2) + 1e-7)) over all samples and "
     "channels, s the reference, e the estimate padded/truncated to its length"
 )
-SCORE_FORMAT = "umxtools-scores"
-SCORE_FORMAT_VERSION = 1
 ESTIMATE_SUFFIX = ".wav"
-# settings a resumed run must share with the score files already there
-_RUN_KEYS = ("backend", "mode", "win", "hop", "targets")
 
 
 # --- backends ------------------------------------------------------------------------------------
@@ -112,13 +110,13 @@ arrays, NaN for silent frames: ``museval.evaluate``'s contract with ``mode='v4'`
 
 
 def _museval_backend(references, estimates, win, hop):
-    import museval  # noqa: PLC0415  (imports pandas and musdb: only where scores are computed)
+    import museval  # imports pandas and musdb: only where scores are computed
 
     return museval.evaluate(references, estimates, win=win, hop=hop, mode=MODE)
 
 
 def _fast_backend(references, estimates, win, hop):
-    from umxtools import metrics  # noqa: PLC0415  (imports torch: only where scores are computed)
+    from umxtools import metrics  # imports torch: only where scores are computed
 
     return metrics.evaluate(references, estimates, win=win, hop=hop, mode=MODE)
 
@@ -269,7 +267,7 @@ def _load_audio(ref: ReferenceTrack, estimate_dir: Path, targets: list[str]):
 
 def _bsseval(track: str, groups, refs: dict, ests: dict, rate: int, backend: str, where: Path) -> dict:
     """museval's TrackStore document of every group's reported targets, in museval's order."""
-    from museval import TrackStore  # noqa: PLC0415  (imports pandas: only where scores are computed)
+    from museval import TrackStore  # imports pandas: only where scores are computed
 
     store = TrackStore(win=WIN, hop=HOP, track_name=track)
     win, hop = int(WIN * rate), int(HOP * rate)
@@ -295,33 +293,6 @@ def _run_settings(backend: str, targets: list[str]) -> dict:
 def _single_target_problem(targets: list[str]) -> str:
     return (f"cannot score {', '.join(targets) or 'no targets'} alone: BSSEval v4 scores targets jointly and museval "
             "scores nothing for a single target; score at least two targets (e.g. --targets vocals,accompaniment)")
-
-
-def to_json(doc: dict) -> str:
-    """A score document as museval writes it (simplejson, NaN allowed, Decimals kept)."""
-    import simplejson  # noqa: PLC0415  (museval's own serializer; a museval dependency)
-
-    return simplejson.dumps(doc, indent=2, allow_nan=True, use_decimal=True)
-
-
-def read_scores(path: str | Path) -> dict:
-    """Parse a score JSON (museval's or umxtools'); :class:`ScoreError` if it is not one."""
-    import simplejson  # noqa: PLC0415
-
-    path = Path(path)
-    try:
-        doc = simplejson.loads(path.read_text(), allow_nan=True)
-    except (OSError, UnicodeDecodeError, simplejson.JSONDecodeError) as exc:
-        raise ScoreError(path, f"corrupt score file ({exc})") from exc
-    targets = doc.get("targets") if isinstance(doc, dict) else None
-    ok = isinstance(targets, list) and all(
-        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("frames"), list)
-        and all(isinstance(f, dict) and isinstance(f.get("metrics"), dict) for f in t["frames"])
-        for t in targets
-    )
-    if not ok:
-        raise ScoreError(path, "corrupt score file (not museval's format: no 'targets' list of named frame lists)")
-    return doc
 
 
 # --- a folder of estimates -----------------------------------------------------------------------
@@ -391,35 +362,6 @@ def discover_targets(base: Path, tracks: list[str], references: References) -> l
     return canonical_order(found)
 
 
-def score_path(output: str | Path, references: References, track: str) -> Path:
-    """``output/<prefix>/<track>.json``; :class:`UnsafeNameError` for a track name that is no plain file name."""
-    return Path(output) / references.prefix / f"{fileio.check_name(track, 'track')}.json"
-
-
-def _file_state(path: Path) -> tuple[int, int, int] | None:
-    """What tells one version of a file from another: inode, size, mtime (None: no file)."""
-    try:
-        st = path.stat()
-    except OSError:  # missing (or unreadable: writing it then reports why)
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _settings_problem(doc: dict, settings: dict) -> str | None:
-    """Why a score document cannot share a folder with this run's scores, or None."""
-    block = doc.get("umxtools")
-    if not isinstance(block, dict):
-        return "not written by umxtools eval (no 'umxtools' block), its settings are unknown"
-    for key in _RUN_KEYS:
-        if block.get(key) != settings[key]:
-            old, new = block.get(key), settings[key]
-            if key == "targets":
-                old = ",".join(map(str, old)) if isinstance(old, list) else old
-                new = ",".join(new)
-            return f"scored with {key} {old}, this run asks for {new}"
-    return None
-
-
 def _resume_state(path: Path, settings: dict, estimate_dir: Path, targets: list[str]) -> str:
     """``"todo"``, ``"done"`` or ``"stale"`` (estimates changed); ScoreError if settings differ.
 
@@ -432,7 +374,7 @@ def _resume_state(path: Path, settings: dict, estimate_dir: Path, targets: list[
     except ScoreError as exc:
         warnings.warn(f"{exc}; scoring the track again", stacklevel=3)
         return "todo"
-    problem = _settings_problem(doc, settings)
+    problem = scores.settings_problem(doc, settings)
     if problem:
         raise ScoreError(path, f"{problem}: score into another folder or pass --force to rescore")
     estimates = doc["umxtools"].get("estimates")
@@ -458,7 +400,7 @@ def evaluate_estimates(
     jobs: int = 1,
     shard: Shard | None = None,
     force: bool = False,
-    progress: Callable[[str, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> EvalSummary:
     """Score every track folder of ``estimates`` into ``output`` (see the module docstring).
 
@@ -471,7 +413,8 @@ def evaluate_estimates(
         jobs: worker processes (1: score in this process).
         shard: score only tracks ``i`` with ``i % N == K`` (sorted by name).
         force: rescore tracks that already have a score file.
-        progress: ``progress("total", n)`` once, then ``progress("advance", 1)`` per track.
+        progress: ``progress("total", {"n": n})`` once, then ``progress("advance", {"n": 1})`` per
+            track (:mod:`umxtools.progress`).
 
     Returns:
         An :class:`EvalSummary`. Per-track problems (a missing or unreadable estimate, another
@@ -481,7 +424,7 @@ def evaluate_estimates(
         the whole run (no estimates, unreadable references, a single target, score files made
         with other settings, an output that is an input or not eval's, a full disk) raise.
     """
-    from umxtools.cache import Shard  # noqa: PLC0415  (h5py: not needed by the scoring workers)
+    from umxtools.cache import Shard  # h5py: not needed by the scoring workers
 
     if backend not in BACKENDS:
         raise UsageError(None, f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
@@ -542,8 +485,8 @@ def evaluate_estimates(
                 summary.failed.append(DatasetError(estimate_dir, f"{problem}; finish the folder first: run the umxtools "
                                                    f"oracle command that writes {estimates} again (it redoes incomplete tracks)"))
                 continue
-        _remove_leftovers(path)
-        seen[name] = _file_state(path)
+        scores.remove_leftovers_of(path)
+        seen[name] = scores.file_state(path)
         state = "todo" if force else _resume_state(path, settings, estimate_dir, targets)
         if state == "done":
             summary.skipped.append(name)
@@ -551,7 +494,7 @@ def evaluate_estimates(
             todo.append(_Job(references, name, str(estimate_dir), tuple(targets), backend))
 
     if progress:
-        progress("total", len(todo))
+        progress("total", {"n": len(todo)})
     # closed here, not when the traceback is freed: an interrupted run stops its workers at once
     with closing(_run_jobs(todo, jobs)) as results:
         for track, result, seconds, notes in results:
@@ -561,47 +504,16 @@ def evaluate_estimates(
                 summary.failed.append(result)
             else:
                 try:
-                    _write_scores(score_path(output, references, track), result, seen[track], settings)
+                    scores.write_scores(score_path(output, references, track), result, seen[track], settings)
                 except (LockedError, ScoreError) as exc:  # this track only; a full disk stops the run
                     summary.failed.append(exc)
                 else:
                     summary.scored.append(track)
                     summary.seconds_scored += seconds
             if progress:
-                progress("advance", 1)
+                progress("advance", {"n": 1})
     summary.scored.sort()  # workers finish in any order
     return summary
-
-
-def _remove_leftovers(path: Path) -> None:
-    """Remove the temporary score files of ``path`` that killed runs left (under its lock; a
-    track another process holds now keeps its files)."""
-    if not fileio.leftovers(path):
-        return
-    try:
-        with fileio.exclusive(path):
-            fileio.remove_leftovers(path)
-    except LockedError:
-        pass
-
-
-def _write_scores(path: Path, text: str, seen: tuple | None, settings: dict) -> None:
-    """Write one track's score file, unless another run wrote it with other settings meanwhile.
-
-    ``seen`` is the file as this run found it before scoring (:func:`_file_state`). The check and
-    the write hold the track's lock, so two runs cannot both pass the check and then both write.
-    """
-    with fileio.exclusive(path):
-        fileio.remove_leftovers(path)  # a killed writer's temporaries: no live one exists under the lock
-        if _file_state(path) != seen:
-            try:
-                problem = _settings_problem(read_scores(path), settings)
-            except ScoreError:
-                problem = None  # unreadable: nothing worth keeping
-            if problem:
-                raise ScoreError(path, f"another run wrote it while this one scored the track ({problem}); "
-                                 "it is left as it is: score into another folder")
-        fileio.write_text(path, text)
 
 
 def _describe(references: References) -> str:
@@ -615,14 +527,12 @@ def _run_jobs(todo: list[_Job], jobs: int):
         for job in todo:
             yield _score_job(job)
         return
-    # spawn, not fork: the parent may hold torch or BLAS thread pools that do not survive fork.
-    # Workers keep the parent's BLAS and torch thread settings on purpose: museval's ISR/SIR/SAR,
+    # workers.pool: spawned, SIGINT ignored. Workers keep the parent's BLAS and torch thread settings on purpose: museval's ISR/SIR/SAR,
     # and the fast backend's that follow them, come from a least-squares solve that is
     # ill-conditioned for band-limited references (the toy data's vocals ISR moves by 2 dB between
     # 1 and 2 OpenBLAS threads), so --jobs N must run the very arithmetic --jobs 1 runs.
     # OMP_NUM_THREADS=1 or OPENBLAS_NUM_THREADS=1, set by the user, applies to both.
-    ctx = multiprocessing.get_context("spawn")
-    pool = cf.ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx, initializer=interrupts.ignore_sigint)
+    pool = workers.pool(min(jobs, len(todo)))
     try:
         futures = [pool.submit(_score_job, job) for job in todo]
         for future in cf.as_completed(futures):
@@ -635,22 +545,6 @@ def _run_jobs(todo: list[_Job], jobs: int):
             yield result
     finally:
         if interrupts.received() is not None:
-            _stop_workers(pool)  # SIGTERM or Ctrl-C: do not finish the tracks in flight
+            workers.stop(pool)  # SIGTERM or Ctrl-C: do not finish the tracks in flight
         # on an error: drop the queued tracks; finished ones are already written
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _stop_workers(pool: cf.ProcessPoolExecutor) -> None:
-    """Terminate a pool's workers now (what ProcessPoolExecutor.terminate_workers does in Python 3.14)."""
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        try:
-            process.terminate()
-        except (ProcessLookupError, ValueError):  # gone already, or closed
-            continue
-    for process in processes:
-        try:
-            process.join(timeout=10)
-        except (AssertionError, ValueError):
-            continue

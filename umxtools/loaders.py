@@ -220,9 +220,13 @@ class _CacheDataset(torch.utils.data.Dataset):
         ``into`` is None; the channels of ``src`` reversed if ``swap`` (open-unmix's channel swap)."""
         if into is None:
             into = self._buffer(name, tuple(src.shape), torch.float32)
-            op = lambda dst, s: torch.mul(s, gain, out=dst)  # noqa: E731
+
+            def op(dst, s):
+                torch.mul(s, gain, out=dst)
         else:
-            op = lambda dst, s: dst.add_(s, alpha=gain)  # noqa: E731
+
+            def op(dst, s):
+                dst.add_(s, alpha=gain)
         if not swap:
             op(into, src)
             return into

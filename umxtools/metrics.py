@@ -136,7 +136,8 @@ def sdr_v4(references, estimates, window: int = WINDOW, hop: int = HOP) -> torch
     artifact terms, which is ``estimate - reference`` whatever the filters are: the v4 SDR is
     the framewise ``10 log10(|s|^2 / |e - s|^2)`` with museval's silent-frame NaN rule. It costs
     O(samples), runs on the inputs' device, is differentiable for tensors and equals
-    ``bss_eval_v4(...)["sdr"]`` (tested): validation SDR during training.
+    ``bss_eval_v4(...)["sdr"]`` (tested): a fast SDR for your own validation or loss code
+    (``umxtools train`` does not call it).
 
     Shapes and frames as :func:`bss_eval_v4`; a silent track gives NaN frames, not an error.
     """
@@ -435,7 +436,7 @@ def _cholesky_solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Ten
     square, 0.7 s against 1.6 s. A C-contiguous symmetric matrix is its own transpose, so its
     memory is handed to LAPACK as the Fortran-ordered matrix, uncopied.
     """
-    from scipy.linalg import lapack  # noqa: PLC0415  (scipy comes with museval)
+    from scipy.linalg import lapack  # scipy comes with museval
 
     matrix = matrix.contiguous()
     diagonal = matrix.diagonal().clone()

@@ -71,7 +71,7 @@ def read_msst_config(path: str | Path) -> MsstConfig:
     """An MSST YAML config -> :class:`MsstConfig`. Raises :class:`MsstError` naming the file."""
     path = Path(path)
     try:
-        data = yaml.load(path.read_text(), Loader=_ConfigLoader)  # noqa: S506  (a SafeLoader subclass)
+        data = yaml.load(path.read_text(), Loader=_ConfigLoader)  # a SafeLoader subclass
     except OSError as exc:
         raise MsstError(path, f"cannot read ({exc.strerror or exc})") from exc
     except yaml.YAMLError as exc:
@@ -118,7 +118,7 @@ def load_msst_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (torch raises several types for missing, truncated or foreign files)
+    except Exception as exc:  # torch raises several types for missing, truncated or foreign files
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         raise MsstError(path, f"not a readable checkpoint ({type(exc).__name__}: {first})") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -139,7 +139,7 @@ def build_msst_model(config: str | Path | MsstConfig, checkpoint: str | Path | N
     default read off the config (:meth:`MsstConfig.architecture`). ``overrides`` replace model
     arguments (``flash_attn=False``, ...).
     """
-    from umxtools.models import load_class  # noqa: PLC0415  (torch-heavy; this module is imported by the CLI)
+    from umxtools.models import load_class  # torch-heavy; this module is imported by the CLI
 
     config = config if isinstance(config, MsstConfig) else read_msst_config(config)
     architecture = architecture or config.architecture()

@@ -44,6 +44,7 @@ from umxtools.references import ACCOMPANIMENT, VOCALS, References
 
 if TYPE_CHECKING:
     from umxtools.cache import Shard
+    from umxtools.progress import Progress
 
 NFFT = 2048  # the reference's nperseg; scipy's default overlap is half of it
 EPS = np.finfo(np.float64).eps  # the reference's guard against division by zero
@@ -57,14 +58,14 @@ Method = Callable[[np.ndarray, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 def _stft(x: np.ndarray) -> np.ndarray:
     """``(nb_channels, nb_samples)`` -> ``(nb_channels, nb_bins, nb_frames)`` complex."""
-    import scipy.signal  # noqa: PLC0415  (the CLI imports this module for its method names)
+    import scipy.signal  # the CLI imports this module for its method names
 
     return scipy.signal.stft(x, nperseg=NFFT)[-1]
 
 
 def _istft(spec: np.ndarray, nb_samples: int) -> np.ndarray:
     """``(nb_channels, nb_bins, nb_frames)`` -> ``(nb_channels, nb_samples)``."""
-    import scipy.signal  # noqa: PLC0415
+    import scipy.signal
 
     return scipy.signal.istft(spec)[1][..., :nb_samples]
 
@@ -183,7 +184,7 @@ def write_oracle(
     targets: list[str] | None = None,
     shard: Shard | None = None,
     force: bool = False,
-    progress: Callable[[str, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> OracleSummary:
     """Write ``method``'s estimates of every reference track as an estimates folder.
 
@@ -208,7 +209,7 @@ def write_oracle(
     ``i`` (sorted by name) with ``i % N == K``; shards share ``output``. A track another process
     is writing is skipped and reported in ``failed``.
     """
-    from umxtools.cache import Shard  # noqa: PLC0415  (h5py: only when estimates are written)
+    from umxtools.cache import Shard  # h5py: only when estimates are written
 
     if method not in METHODS:
         raise UsageError(None, f"unknown oracle method {method!r}; one of {', '.join(METHODS)}")
@@ -236,7 +237,7 @@ def write_oracle(
         fileio.write_text(output / MANIFEST, json.dumps(manifest, indent=2))
     summary = OracleSummary(output)
     if progress:
-        progress("total", len(selected))
+        progress("total", {"n": len(selected)})
     for name in selected:
         folder = output / references.prefix / name
         try:
@@ -250,7 +251,7 @@ def write_oracle(
         except LockedError as exc:
             summary.failed.append(exc)
         if progress:
-            progress("advance", 1)
+            progress("advance", {"n": 1})
     return summary
 
 
@@ -364,7 +365,7 @@ def _claim(output: Path, manifest: dict, force: bool) -> None:
 
 def _write_estimate(path: Path, estimate: np.ndarray, rate: int, final: Path) -> None:
     """Write one estimate at ``path`` (in the staging folder); errors name ``final``, its place."""
-    import soundfile as sf  # noqa: PLC0415
+    import soundfile as sf
 
     try:
         audio.write(path, estimate, rate)

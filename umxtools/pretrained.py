@@ -40,9 +40,6 @@ class Published:
     description: str
 
 
-_MUSDB = ("vocals", "drums", "bass", "other")
-
-
 def _zenodo(record: str, files: dict[str, str]) -> dict[str, str]:
     return {t: f"https://zenodo.org/records/{record}/files/{t}-{files[t]}.pth" for t in files}
 
@@ -70,7 +67,7 @@ DEFAULT = "umxl"
 
 def hub_file(url: str) -> Path:
     """Where torch.hub keeps (or would keep) the file of ``url``."""
-    import torch.hub  # noqa: PLC0415
+    import torch.hub
 
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
@@ -78,9 +75,9 @@ def hub_file(url: str) -> Path:
 def download(name: str, url: str, path: Path) -> None:
     """Fetch ``url`` to ``path`` with torch.hub's downloader, atomically (a unique temporary name
     beside it, renamed when complete: concurrent jobs never read a half-written file)."""
-    import torch.hub  # noqa: PLC0415
+    import torch.hub
 
-    from umxtools.models import ModelError  # noqa: PLC0415
+    from umxtools.models import ModelError
 
     with fileio.atomic(path) as tmp:
         try:
@@ -96,7 +93,7 @@ def download(name: str, url: str, path: Path) -> None:
 
 def missing_files(name: str, targets: list[str] | None = None) -> list[str]:
     """The URLs of the weights of ``name`` (its ``targets``) that are not in torch.hub's cache."""
-    from umxtools.models.loading import select_targets  # noqa: PLC0415
+    from umxtools.models.loading import select_targets
 
     pub = PUBLISHED[name]
     return [pub.urls[t] for t in select_targets(list(pub.urls), targets, name) if not hub_file(pub.urls[t]).exists()]
@@ -110,7 +107,7 @@ def _put_them(urls: list[str]) -> str:
 def default_model(targets: list[str] | None = None) -> str:
     """:data:`DEFAULT` when its weights (of ``targets``) are in torch.hub's cache; else
     ``ModelError`` naming every missing file's URL and where to put it (nothing is downloaded)."""
-    from umxtools.models import ModelError  # noqa: PLC0415
+    from umxtools.models import ModelError
 
     missing = missing_files(DEFAULT, targets)
     if missing:
@@ -126,8 +123,8 @@ def load_published(name: str, targets: list[str] | None = None, identity: bool =
     download fails (no network: the message names every file still missing and where to put
     them) or when a cached file is not plain weights (it is refused without running anything in it).
     """
-    from umxtools.models import ModelError  # noqa: PLC0415
-    from umxtools.models.loading import (  # noqa: PLC0415
+    from umxtools.models import ModelError
+    from umxtools.models.loading import (
         SeparationModel,
         file_identity,
         load_state,

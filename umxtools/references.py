@@ -282,7 +282,7 @@ def _musdb_db(root: str, is_wav: bool, subset: str) -> dict:
     if not path.is_dir():
         raise DatasetError(path, "no such dataset folder")
     try:
-        import musdb  # noqa: PLC0415  (imports stempeg, which needs ffmpeg)
+        import musdb  # imports stempeg, which needs ffmpeg
     except Exception as exc:
         raise DatasetError(path, "musdb needs ffmpeg and ffprobe on PATH (apt-get install ffmpeg)") from exc
     try:

@@ -210,7 +210,7 @@ def to_markdown(report: Report, plots: list[Path] = ()) -> str:
 
 def to_rich_table(report: Report):
     """A rich Table of the report (the CLI prints it)."""
-    from rich.table import Table  # noqa: PLC0415
+    from rich.table import Table
 
     table = Table(title="Separation scores (dB)", caption=report.label)
     table.add_column("method")
@@ -226,8 +226,8 @@ def to_rich_table(report: Report):
 def plot_target(methods: list[MethodScores], target: str, agg: str, path: Path) -> Path:
     """A PNG box plot of per-track SDR of ``target``, one box per method."""
     # the object API with the Agg canvas: no pyplot, no global backend switch, no display needed
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     frames_agg, tracks_agg = AGGREGATIONS[agg]
     names, data = [], []

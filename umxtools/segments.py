@@ -381,8 +381,8 @@ def plan_for(model, settings, call: Callable[[Model], Model] = lambda m: m) -> D
     ``seed`` are demucs's; ``num_overlap`` MSST's; ``batch_size`` both. ``call(model)`` wraps
     each model callable (shape checks, mono input).
     """
-    from umxtools.errors import UsageError  # noqa: PLC0415
-    from umxtools.models import ModelError  # noqa: PLC0415
+    from umxtools.errors import UsageError
+    from umxtools.models import ModelError
 
     spec = model.segmenting or (getattr(model.module, "segmenting", None) if model.module is not None else None)
     if not spec:
@@ -391,7 +391,7 @@ def plan_for(model, settings, call: Callable[[Model], Model] = lambda m: m) -> D
     rule = spec.get("rule") if isinstance(spec, dict) else None
     try:
         if rule == "demucs":
-            from umxtools.models.htdemucs import demucs_plan  # noqa: PLC0415
+            from umxtools.models.htdemucs import demucs_plan
 
             if not callable(getattr(model.module, "members", None)):
                 raise ModelError(where, f"segmenting rule 'demucs' needs an HTDemucs model, not {type(model.module).__name__}")

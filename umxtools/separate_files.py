@@ -47,21 +47,23 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from umxtools import __version__, audio, fileio, interrupts
+from umxtools import __version__, audio, fileio, interrupts, workers
 from umxtools.errors import AudioError, ModelError, OutputError, UmxError, UsageError
 from umxtools.interrupts import Interrupted
 from umxtools.stems import OutputOptions, StemWriter, check_replaceable, is_complete, read_record, remove_stale
 
+if TYPE_CHECKING:
+    from umxtools.progress import Progress
+
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3", ".mp4", ".m4a", ".aac")
 RECORD_FORMAT = "umxtools.separation"
 
-FilesProgress = Callable[[int, str, int], None]
 # what an interrupted run keeps (the end of its one stderr line)
 KEPT = interrupts.TRACKS_KEPT
 # seconds a worker process gets to drop its track after SIGTERM before it is killed
@@ -322,7 +324,7 @@ def _check_same_run(final: Path, done: dict, now: dict) -> None:
 
 
 def _identity(path: Path) -> dict:
-    from umxtools.models.loading import file_identity  # noqa: PLC0415
+    from umxtools.models.loading import file_identity
 
     return file_identity(path)
 
@@ -339,7 +341,7 @@ def separate_files(
     excerpt: Excerpt = Excerpt(),
     options: OutputOptions = OutputOptions(),
     jobs: int = 1,
-    progress: FilesProgress | None = None,
+    progress: Progress | None = None,
     command: list[str] | None = None,
     trust_code: bool = False,
     lists: Iterable[str | Path] = (),
@@ -352,14 +354,14 @@ def separate_files(
     or absent model, bad settings, an unwritable ``out``, an ``out`` that is or holds an input,
     the list files ``lists`` or the model folder, a model folder that would run code without
     ``trust_code``) are raised before any work; an input's own problem is its
-    :class:`FileResult`'s ``error``. ``progress(index, event, n)`` gets ``start``, ``total``,
-    ``advance`` and ``done`` per input. A SIGTERM or SIGINT (in the main thread) raises
+    :class:`FileResult`'s ``error``. ``progress(event, info)`` (:mod:`umxtools.progress`) gets
+    ``start``, ``total``, ``advance`` and ``done`` per input, ``info["file"]`` its index. A SIGTERM or SIGINT (in the main thread) raises
     :class:`~umxtools.interrupts.Interrupted` once the track being written is dropped
     (:func:`umxtools.interrupts.interruptible`).
     """
-    from umxtools.models.loading import load_model  # noqa: PLC0415
-    from umxtools.pretrained import default_model  # noqa: PLC0415
-    from umxtools.separation import SeparationSettings, Separator  # noqa: PLC0415
+    from umxtools.models.loading import load_model
+    from umxtools.pretrained import default_model
+    from umxtools.separation import SeparationSettings, Separator
 
     settings = settings or SeparationSettings()
     out = Path(out)
@@ -378,14 +380,14 @@ def separate_files(
               "model_sample_rate": model.sample_rate, "outputs_order": separator.outputs, "residual_output": separator.residual,
               "settings": {**settings.as_dict(), "device": str(separator.device)},
               "umxtools_version": __version__, "command": command, "created": datetime.now(timezone.utc).isoformat()}
-    progress = progress or (lambda index, event, n: None)
+    progress = progress or (lambda event, info: None)
     with interrupts.interruptible(KEPT):
         if jobs <= 1 or len(items) == 1:
             results = []
             for i, item in enumerate(items):
-                progress(i, "start", 0)
-                results.append(separate_file(separator, item, out, excerpt, options, record, lambda e, n, i=i: progress(i, e, n)))
-                progress(i, "done", 0)
+                progress("start", {"file": i})
+                results.append(separate_file(separator, item, out, excerpt, options, record, _of_file(progress, i)))
+                progress("done", {"file": i})
             return results
         del separator, model  # each worker loads its own
         jobs = min(jobs, len(items))
@@ -394,6 +396,11 @@ def separate_files(
 
 
 _STOP_SIGNALS = interrupts.SIGNALS
+
+
+def _of_file(progress: Progress, index: int):
+    """The separator's ``progress(event, n)`` for file ``index`` as this module's ``(event, info)``."""
+    return lambda event, n: progress(event, {"file": index, "n": n})
 
 
 # --- worker processes ------------------------------------------------------------------------------
@@ -413,10 +420,10 @@ def _worker_signal(signum, frame) -> None:
 
 
 def _worker_init(model_source, targets, settings, record, threads, events, trust_code, model_config=None) -> None:
-    import torch  # noqa: PLC0415
+    import torch
 
-    from umxtools.models.loading import load_model  # noqa: PLC0415
-    from umxtools.separation import Separator  # noqa: PLC0415
+    from umxtools.models.loading import load_model
+    from umxtools.separation import Separator
 
     for s in _STOP_SIGNALS:
         signal.signal(s, _worker_signal)
@@ -427,17 +434,17 @@ def _worker_init(model_source, targets, settings, record, threads, events, trust
 
 def _worker_run(index: int, item: InputItem, out: Path, excerpt: Excerpt, options: OutputOptions) -> FileResult:
     events = _WORKER["events"]
-    events.put((index, "start", 0))
+    events.put(("start", {"file": index}))
     _WORKER["busy"] = True
     try:
         return separate_file(_WORKER["separator"], item, out, excerpt, options, _WORKER["record"],
-                             lambda e, n: events.put((index, e, n)))
+                             _of_file(lambda e, info: events.put((e, info)), index))
     except Interrupted as exc:
         # the track is dropped and its lock released: this worker ends, the parent stops the rest
         os._exit(128 + exc.signum)
     finally:
         _WORKER["busy"] = False
-        events.put((index, "done", 0))
+        events.put(("done", {"file": index}))
 
 
 def _stop_workers(workers: list) -> None:
@@ -456,9 +463,7 @@ def _stop_workers(workers: list) -> None:
 
 def _in_processes(model_source, targets, settings, record, items, out, excerpt, options, jobs, progress, trust_code,
                   model_config=None) -> list[FileResult]:
-    # spawn, not fork: a forked child of a process that already ran torch's OpenMP pool can hang
-    ctx = multiprocessing.get_context("spawn")
-    events = ctx.Queue()
+    events = multiprocessing.get_context("spawn").Queue()  # the context of workers.pool's processes
     threads = max(1, (os.cpu_count() or 1) // jobs)
     stop = threading.Event()
 
@@ -472,8 +477,8 @@ def _in_processes(model_source, targets, settings, record, items, out, excerpt, 
     relay_thread = threading.Thread(target=relay, daemon=True)
     relay_thread.start()
     others = set(multiprocessing.active_children())
-    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
-                               initargs=(str(model_source), targets, settings, record, threads, events, trust_code, model_config))
+    # workers.pool: spawned; _worker_init then replaces the SIGINT it ignores with _worker_signal
+    pool = workers.pool(jobs, _worker_init, (str(model_source), targets, settings, record, threads, events, trust_code, model_config))
     try:
         futures = [pool.submit(_worker_run, i, item, out, excerpt, options) for i, item in enumerate(items)]
         results = [f.result() for f in futures]

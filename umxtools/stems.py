@@ -221,7 +221,7 @@ class StemWriter:
             raise OutputError(self.folder, _sf_problem(exc)) from exc
         resampler = None
         if self.rate != self.out_rate:
-            import soxr  # noqa: PLC0415
+            import soxr
 
             resampler = soxr.ResampleStream(self.rate, self.out_rate, self.channels, dtype="float32", quality="VHQ")
         return _Stem(path, f, resampler)

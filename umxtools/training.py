@@ -80,8 +80,6 @@ AUGMENTATIONS = ("gain", "channelswap")
 WAVEFORM_LOSSES = LOSSES["waveform"]
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
-# keyword arguments offered to a model class that names them (docs/train.md, "Your own model")
-OFFERED_ARGS = ("targets", "nb_bins", "nb_channels", "sample_rate", "n_fft", "n_hop", "max_bin")
 STATS_ARGS = ("input_mean", "input_scale")
 # SDR loss: signal and distortion energies both floored at SDR_TAU * |mixture|^2 (30 dB below the
 # mixture; the soft threshold of Wisdom et al.'s thresholded SNR, "Unsupervised sound separation
@@ -313,7 +311,7 @@ def build_model(config: TrainConfig, meta: CacheMeta) -> tuple[torch.nn.Module, 
         raise
     except TypeError as exc:
         raise ModelError(spec, f"cannot construct with {json.dumps(args, sort_keys=True)} ({exc})") from exc
-    except Exception as exc:  # noqa: BLE001  (user code: any failure is one line, not a traceback)
+    except Exception as exc:  # user code: any failure is one line, not a traceback
         raise ModelError(spec, f"constructor failed: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
     if not isinstance(model, torch.nn.Module):
         raise ModelError(spec, "the class is not a torch.nn.Module")
@@ -704,7 +702,7 @@ class _Trainer:
         """The error for a non-finite validation loss: the validation cache when its data is
         damaged (its checksums are verified now: one more read of what validation reads every
         epoch), else the model, which diverged."""
-        from umxtools.cache import check_cache  # noqa: PLC0415
+        from umxtools.cache import check_cache
 
         valid, kept = self.plan.valid_meta.path, self._kept(epoch)
         # a stale input (--allow-stale) is no damage: the cache still holds what it was built from

@@ -61,7 +61,7 @@ def nb_frames(nb_samples: int, n_fft: int = N_FFT, n_hop: int = N_HOP, center: b
 def _torch():
     # imported on first use: the settings and bin arithmetic here serve `umxtools --help`, cache
     # metadata and the CLI, which should not pay torch's 1.5 s import
-    import torch  # noqa: PLC0415
+    import torch
 
     return torch
 

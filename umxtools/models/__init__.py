@@ -73,7 +73,7 @@ def load_class(spec: str) -> type:
     module_name, class_name = spec.rsplit(":", 1)
     # the same importer as user dataset classes (private module names for files); its errors
     # name the module, only their class changes
-    from umxtools.datasets import _import_user_module  # noqa: PLC0415
+    from umxtools.datasets import _import_user_module
 
     try:
         module = _import_user_module(module_name)

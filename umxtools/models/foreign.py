@@ -49,7 +49,7 @@ def read_demucs_package(path: str | Path) -> dict:
             package = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise ModelError(path, "no such file") from exc
-    except Exception as exc:  # noqa: BLE001  (torch raises several types for foreign or damaged files)
+    except Exception as exc:  # torch raises several types for foreign or damaged files
         detail = " ".join(str(exc).split())
         if "Unsupported global" in detail or "GLOBAL" in detail:
             name = detail.split("GLOBAL", 1)[1].split()[0] if "GLOBAL" in detail else "?"
@@ -107,11 +107,11 @@ def _sha_prefix_ok(path: Path) -> bool:
 
 def load_demucs_name(name: str) -> HTDemucs | HTDemucsBag:
     """A demucs published name (:data:`DEMUCS_NAMES`) -> :class:`HTDemucs` or :class:`HTDemucsBag`."""
-    from demucs.apply import BagOfModels  # noqa: PLC0415
-    from demucs.pretrained import REMOTE_ROOT, _parse_remote_files  # noqa: PLC0415
-    from demucs.repo import AnyModelRepo, BagOnlyRepo, ModelOnlyRepo  # noqa: PLC0415
+    from demucs.apply import BagOfModels
+    from demucs.pretrained import REMOTE_ROOT, _parse_remote_files
+    from demucs.repo import AnyModelRepo, BagOnlyRepo, ModelOnlyRepo
 
-    from umxtools import pretrained  # noqa: PLC0415
+    from umxtools import pretrained
 
     urls = _parse_remote_files(REMOTE_ROOT / "files.txt")
 
@@ -145,8 +145,8 @@ def load_demucs_name(name: str) -> HTDemucs | HTDemucsBag:
 
 def _signatures(name: str, urls: dict[str, str]) -> list[str]:
     """The model files a name needs: its bag YAML's ``models``, or itself."""
-    import yaml  # noqa: PLC0415
-    from demucs.pretrained import REMOTE_ROOT  # noqa: PLC0415
+    import yaml
+    from demucs.pretrained import REMOTE_ROOT
 
     bag = REMOTE_ROOT / f"{name}.yaml"
     if bag.is_file():
@@ -156,7 +156,7 @@ def _signatures(name: str, urls: dict[str, str]) -> list[str]:
 
 def _fetch(name: str, signatures: list[str], urls: dict[str, str]) -> None:
     """Download the missing files of ``signatures`` into torch.hub's cache; one line if that fails."""
-    from umxtools import pretrained  # noqa: PLC0415
+    from umxtools import pretrained
 
     missing = [urls[s] for s in signatures if not pretrained.hub_file(urls[s]).exists()]
     for i, url in enumerate(missing):
@@ -175,7 +175,7 @@ def _fetch(name: str, signatures: list[str], urls: dict[str, str]) -> None:
 
 def demucs_separation_model(source: str | Path, targets: list[str] | None = None, identity: bool = True):
     """A demucs ``.th`` file or name -> :class:`~umxtools.models.loading.SeparationModel`."""
-    from umxtools.models.loading import SeparationModel, file_identity, select_targets  # noqa: PLC0415
+    from umxtools.models.loading import SeparationModel, file_identity, select_targets
 
     path = Path(source).expanduser()
     module = load_demucs_file(path) if path.suffix == ".th" and path.exists() else load_demucs_name(str(source))
@@ -194,8 +194,8 @@ def demucs_separation_model(source: str | Path, targets: list[str] | None = None
 def msst_separation_model(checkpoint: str | Path, config: str | Path, targets: list[str] | None = None, identity: bool = True):
     """An MSST ``.ckpt`` and its YAML -> :class:`~umxtools.models.loading.SeparationModel`, separated
     with MSST's ``demix`` rule and the config's ``chunk_size``/``num_overlap``/``batch_size``."""
-    from umxtools.models.loading import SeparationModel, file_identity, select_targets  # noqa: PLC0415
-    from umxtools.msst import ARCHITECTURES, build_msst_model, read_msst_config  # noqa: PLC0415
+    from umxtools.models.loading import SeparationModel, file_identity, select_targets
+    from umxtools.msst import ARCHITECTURES, build_msst_model, read_msst_config
 
     conf = read_msst_config(config)
     architecture = conf.architecture()
@@ -222,8 +222,8 @@ def msst_separation_model(checkpoint: str | Path, config: str | Path, targets: l
 def write_model_folder(model, folder: str | Path, command: list[str] | None = None) -> Path:
     """A loaded demucs or MSST :class:`SeparationModel` -> a model folder (model.json + model.pth)
     that ``separate``, ``eval`` and ``report`` load like any other, separated with the same rule."""
-    from umxtools import __version__  # noqa: PLC0415
-    from umxtools.models.loading import MODEL_FORMAT  # noqa: PLC0415
+    from umxtools import __version__
+    from umxtools.models.loading import MODEL_FORMAT
 
     folder = Path(folder)
     ident = model.identity

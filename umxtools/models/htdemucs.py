@@ -37,7 +37,7 @@ OVERLAP = 0.25  # apply_model's default, and demucs's separate command's
 def demucs_class() -> type:
     """``demucs.htdemucs.HTDemucs``, or a one-line :class:`ModelError` saying how to install it."""
     try:
-        from demucs.htdemucs import HTDemucs as DemucsHT  # noqa: PLC0415
+        from demucs.htdemucs import HTDemucs as DemucsHT
     except ImportError as exc:
         raise ModelError("demucs", f"the demucs package is not importable ({exc}); install it: {INSTALL}") from exc
     return DemucsHT
@@ -196,7 +196,7 @@ def demucs_plan(module: HTDemucs | HTDemucsBag, segment: float | None = None, ov
     sees positions it was trained on; demucs refuses it too). ``model_call(member)`` wraps each
     member's callable (the separator's shape checks); by default members are called directly.
     """
-    from umxtools.segments import DemucsMember, DemucsPlan  # noqa: PLC0415
+    from umxtools.segments import DemucsMember, DemucsPlan
 
     members = []
     for model, weights in module.members():
@@ -212,7 +212,7 @@ def demucs_plan(module: HTDemucs | HTDemucsBag, segment: float | None = None, ov
 
 def _apply(module: HTDemucs | HTDemucsBag, mix: torch.Tensor) -> torch.Tensor:
     """Eval-mode forward of any length: each example through demucs's rule, no shifts."""
-    from umxtools.segments import run_whole  # noqa: PLC0415
+    from umxtools.segments import run_whole
 
     plan = demucs_plan(module)
     return torch.stack([run_whole(plan, x) for x in mix])

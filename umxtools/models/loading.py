@@ -91,8 +91,8 @@ def load_model(source: str | Path, targets: list[str] | None = None, identity: b
     :class:`UntrustedCodeError` for a folder that would run code without ``trust_code``;
     :class:`UnsafeNameError` for a target or file name that would leave the folder.
     """
-    from umxtools import pretrained  # noqa: PLC0415  (it imports this module)
-    from umxtools.models import foreign  # noqa: PLC0415  (imports demucs only when used)
+    from umxtools import pretrained  # it imports this module
+    from umxtools.models import foreign  # imports demucs only when used
 
     for t in targets or []:
         fileio.check_name(t, "target", "--targets")
@@ -171,7 +171,7 @@ def load_state(path: Path) -> dict:
         raise ModelError(path, "not a plain weights file (it would run code on load, or it is damaged); nothing in it was run: "
                                "get it again from a source you trust, or save the weights as a state dict "
                                "(torch.save(model.state_dict(), PATH))") from exc
-    except Exception as exc:  # noqa: BLE001  (torch raises several types for truncated or foreign files)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise ModelError(path, f"not a readable weights file ({type(exc).__name__}: {first})") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -320,7 +320,7 @@ def _load_umxtools_folder(folder: Path, targets: list[str] | None, trust_code: b
         module = cls(**args)
     except TypeError as exc:
         raise ModelError(spec, f"cannot construct with {json.dumps(args, sort_keys=True)} ({exc})") from exc
-    except Exception as exc:  # noqa: BLE001  (user code: any failure is one line, not a traceback)
+    except Exception as exc:  # user code: any failure is one line, not a traceback
         raise ModelError(spec, f"constructor failed: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
     if not weights.is_file():
         raise ModelError(folder, f"has no weights file {weights.name}")
@@ -364,7 +364,7 @@ def _umx_parts(module: torch.nn.Module, targets: list[str]) -> dict[str, OpenUnm
         return None
     try:
         parts = get()
-    except Exception:  # noqa: BLE001  (a method of that name with another meaning: not a joint model)
+    except Exception:  # a method of that name with another meaning: not a joint model
         return None
     if not isinstance(parts, dict) or list(parts) != list(targets) or not all(isinstance(m, OpenUnmix) for m in parts.values()):
         return None

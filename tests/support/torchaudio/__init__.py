@@ -68,7 +68,7 @@ def set_audio_backend(backend: str | None) -> None:
     """Accepted and ignored: openunmix's CLIs call it, and soundfile serves every backend name."""
 
 
-def info(path, format: str | None = None) -> AudioMetaData:  # noqa: A002 (torchaudio's name)
+def info(path, format: str | None = None) -> AudioMetaData:  # torchaudio's name
     """Sample rate, length in frames and channel count of an audio file, without decoding it."""
     i = sf.info(str(path))
     bits = {"PCM_16": 16, "PCM_24": 24, "PCM_32": 32, "FLOAT": 32, "DOUBLE": 64}.get(i.subtype, 0)
@@ -82,7 +82,7 @@ def load(
     num_frames: int = -1,
     normalize: bool = True,
     channels_first: bool = True,
-    format: str | None = None,  # noqa: A002 (torchaudio's name)
+    format: str | None = None,  # torchaudio's name
 ) -> tuple[torch.Tensor, int]:
     """``(waveform, sample_rate)``: ``(channels, samples)`` (``(samples, channels)`` if not
     ``channels_first``), float32 in [-1, 1], or the file's integer type if not ``normalize``.
@@ -104,7 +104,7 @@ def save(
     src: torch.Tensor,
     sample_rate,
     channels_first: bool = True,
-    format: str | None = None,  # noqa: A002 (torchaudio's name)
+    format: str | None = None,  # torchaudio's name
     encoding: str | None = None,
     bits_per_sample: int | None = None,
 ) -> None:
