@@ -268,7 +268,6 @@ def _bss_eval_v4(refs: torch.Tensor, ests: torch.Tensor, window: int, hop: int) 
     return {name: value.T.contiguous() for name, value in scores.items()}
 
 
-
 # --- helpers ----------------------------------------------------------------------------------
 
 
@@ -327,7 +326,6 @@ def _pad_or_truncate(estimates, nb_samples: int):
     if isinstance(estimates, torch.Tensor):
         return torch.nn.functional.pad(estimates, (0, 0, 0, nb_samples - nb_est))
     return np.pad(estimates, [(0, 0), (0, nb_samples - nb_est), (0, 0)])
-
 
 
 def _framing(nb_samples: int, window: float, hop: float) -> tuple[int, int, int]:
