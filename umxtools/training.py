@@ -73,7 +73,8 @@ from umxtools.checkpoints import (
 )
 from umxtools.errors import CacheError, OutputError, TrainingError, UmxError, UsageError
 from umxtools.loaders import IndexDataset, RandomDataset
-from umxtools.models import JOINT, LOSSES, MODELS, ModelError, OpenUnmix, OpenUnmixJoint, load_class, spec_of
+from umxtools.losses import LOSS_FUNCTIONS, LOSSES, EarlyStopping
+from umxtools.models import JOINT, MODELS, ModelError, OpenUnmix, OpenUnmixJoint, load_class, spec_of
 from umxtools.transforms import bandwidth_to_max_bin
 
 AUGMENTATIONS = ("gain", "channelswap")
@@ -81,12 +82,6 @@ WAVEFORM_LOSSES = LOSSES["waveform"]
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
 STATS_ARGS = ("input_mean", "input_scale")
-# SDR loss: signal and distortion energies both floored at SDR_TAU * |mixture|^2 (30 dB below the
-# mixture; the soft threshold of Wisdom et al.'s thresholded SNR, "Unsupervised sound separation
-# using mixture invariant training", 2020), so silent targets and near-perfect estimates neither
-# dominate the loss nor give unbounded gradients
-SDR_TAU = 1e-3
-SDR_EPS = 1e-8
 CURVES_EVERY_S = 30.0
 
 Reporter = Callable[[str, dict], None]
@@ -435,68 +430,6 @@ def _run_files(c: TrainConfig, spec: ModelSpec) -> RunFiles:
     if c.model == "umx" and not c.joint:
         return RunFiles(Path(c.output), c.targets[0])
     return RunFiles(Path(c.output), MODEL_RUN, exports=tuple(c.targets) if c.joint else ())
-
-
-# --- losses ------------------------------------------------------------------------------------
-
-
-def mse_loss(estimate: torch.Tensor, target: torch.Tensor, mix: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-target MSE of magnitudes, ``(targets,)``: open-unmix's ``mse_loss(Y_hat, Y)`` for each.
-
-    ``estimate``, ``target``: ``(batch, targets, channels, bins, frames)``.
-    """
-    return ((estimate - target) ** 2).mean(dim=(0, 2, 3, 4))
-
-
-def l1_loss(estimate: torch.Tensor, target: torch.Tensor, mix: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-target mean absolute error of waveforms ``(batch, targets, channels, samples)`` (Demucs v2's loss)."""
-    return (estimate - target).abs().mean(dim=(0, 2, 3))
-
-
-def sdr_loss(estimate: torch.Tensor, target: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
-    """Per-target negative SDR in dB, averaged over batch and channels, ``(targets,)``.
-
-    ``SDR = 10 log10((|y|^2 + tau |x|^2) / (|y - y_hat|^2 + tau |x|^2))`` per channel of each
-    excerpt, ``x`` the mixture ``(batch, channels, samples)``, ``tau`` = :data:`SDR_TAU`: a soft
-    floor 30 dB below the mixture. Without it, an excerpt where the target is silent has an SDR
-    of minus infinity whatever the estimate and dominates the mean; with it, such an excerpt
-    scores 0 dB for a silent estimate and down to about -30 dB for the mixture.
-    """
-    floor = SDR_TAU * (mix ** 2).sum(-1)[:, None] + SDR_EPS  # (batch, 1, channels)
-    signal = (target ** 2).sum(-1)  # (batch, targets, channels)
-    error = ((target - estimate) ** 2).sum(-1)
-    sdr = 10 * torch.log10((signal + floor) / (error + floor))
-    return -sdr.mean(dim=(0, 2))
-
-
-LOSS_FUNCTIONS = {"mse": mse_loss, "l1": l1_loss, "sdr": sdr_loss}
-
-
-class EarlyStopping:
-    """open-unmix's ``utils.EarlyStopping`` (mode min, min_delta 0), with its state saved."""
-
-    def __init__(self, patience: int):
-        self.patience, self.best, self.num_bad_epochs = patience, None, 0
-
-    def step(self, metric: float) -> bool:
-        """Record an epoch's validation loss; True when training should stop."""
-        if self.best is None:
-            self.best = metric
-            return False
-        if math.isnan(metric):
-            return True
-        # open-unmix: with patience 0 every epoch counts as better (and it stops after the second)
-        if self.patience == 0 or metric < self.best:
-            self.num_bad_epochs, self.best = 0, metric
-        else:
-            self.num_bad_epochs += 1
-        return self.num_bad_epochs >= self.patience
-
-    def state_dict(self) -> dict:
-        return {"patience": self.patience, "best": self.best, "num_bad_epochs": self.num_bad_epochs}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best, self.num_bad_epochs = state["best"], state["num_bad_epochs"]
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
