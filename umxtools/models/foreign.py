@@ -174,8 +174,8 @@ def _fetch(name: str, signatures: list[str], urls: dict[str, str]) -> None:
 
 
 def demucs_separation_model(source: str | Path, targets: list[str] | None = None, identity: bool = True):
-    """A demucs ``.th`` file or name -> :class:`~umxtools.models.loading.SeparationModel`."""
-    from umxtools.models.loading import SeparationModel, file_identity, select_targets
+    """A demucs ``.th`` file or name -> :class:`~umxtools.models.separation_model.SeparationModel`."""
+    from umxtools.models.separation_model import SeparationModel, file_identity, select_targets
 
     path = Path(source).expanduser()
     module = load_demucs_file(path) if path.suffix == ".th" and path.exists() else load_demucs_name(str(source))
@@ -192,9 +192,9 @@ def demucs_separation_model(source: str | Path, targets: list[str] | None = None
 
 
 def msst_separation_model(checkpoint: str | Path, config: str | Path, targets: list[str] | None = None, identity: bool = True):
-    """An MSST ``.ckpt`` and its YAML -> :class:`~umxtools.models.loading.SeparationModel`, separated
+    """An MSST ``.ckpt`` and its YAML -> :class:`~umxtools.models.separation_model.SeparationModel`, separated
     with MSST's ``demix`` rule and the config's ``chunk_size``/``num_overlap``/``batch_size``."""
-    from umxtools.models.loading import SeparationModel, file_identity, select_targets
+    from umxtools.models.separation_model import SeparationModel, file_identity, select_targets
     from umxtools.msst import ARCHITECTURES, build_msst_model, read_msst_config
 
     conf = read_msst_config(config)

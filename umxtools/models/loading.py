@@ -4,7 +4,9 @@ docs/model-format.md defines both layouts. A folder with a ``model.json`` is reb
 spec, constructor arguments, whole-model weights); otherwise ``separator.json`` plus one
 ``<target>.pth`` per target is an open-unmix folder whose UMX models are rebuilt from the state
 dict shapes (what open-unmix reads from ``<target>.json`` is checked against them). Published
-open-unmix weights by name are :mod:`umxtools.pretrained`'s.
+open-unmix weights by name are :mod:`umxtools.pretrained`'s, demucs and MSST files
+:mod:`umxtools.models.foreign`'s; all three build the :class:`SeparationModel` of
+:mod:`umxtools.models.separation_model`, which imports none of them (no import cycle).
 
 A model folder is data: its files never run code unless the caller trusts it. Weights are read
 with ``torch.load(weights_only=True)``; a ``model.json`` whose class is not one of umxtools' own
@@ -18,61 +20,33 @@ module with the interface of its ``kind``.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import pickle
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from umxtools import fileio
+from umxtools import fileio, pretrained
 from umxtools.errors import UntrustedCodeError
 from umxtools.models import KINDS, ModelError, load_class
+from umxtools.models.separation_model import (
+    SeparationModel,
+    file_identity,
+    load_state,
+    select_targets,
+    target_names,
+    umx_args,
+    umx_from_state,
+)
 from umxtools.models.umx import OpenUnmix
+
+# re-exported: SeparationModel and its helpers lived here before umxtools.models.separation_model
+__all__ = ["MODEL_FORMAT", "TRUST_ENV", "TRUST_HINT", "SeparationModel", "builtin_spec", "file_identity", "load_model",
+           "load_state", "select_targets", "umx_args", "umx_from_state"]
 
 MODEL_FORMAT = "umxtools.model"
 # the environment variable that trusts model folders' code where no flag can be passed (bin/ scripts)
 TRUST_ENV = "UMXTOOLS_TRUST_CODE"
 TRUST_HINT = f"if you trust this model folder, pass --trust-code (or set {TRUST_ENV}=1)"
-
-
-@dataclass
-class SeparationModel:
-    """What separation needs to know about a model, whatever its files looked like.
-
-    Exactly one of ``umx`` (target -> :class:`OpenUnmix`, in ``targets`` order) and ``module``
-    (a spectrogram or waveform model whose outputs are ``module_targets``) is set.
-    ``n_fft``/``n_hop`` are the spectrogram models' STFT; ``nb_channels`` is the model's input
-    channels (1: open-unmix's mono models see the channel mean of the stereo magnitude).
-    """
-
-    kind: str
-    targets: list[str]
-    sample_rate: int
-    nb_channels: int = 2
-    n_fft: int | None = None
-    n_hop: int | None = None
-    umx: dict[str, OpenUnmix] | None = None
-    module: torch.nn.Module | None = None
-    module_targets: list[str] | None = None
-    identity: dict = field(default_factory=dict)
-    # how umxtools.segments runs a segment-based waveform model: {"rule": "demucs"} or {"rule": "msst", ...}
-    segmenting: dict | None = None
-
-    def to(self, device: torch.device | str) -> "SeparationModel":
-        for m in self.modules():
-            m.to(device)
-        return self
-
-    def modules(self) -> list[torch.nn.Module]:
-        return list(self.umx.values()) if self.umx is not None else [self.module]
-
-    @property
-    def chunkable(self) -> bool:
-        """Whether ``--segment`` makes sense: anything but open-unmix's whole-sequence BLSTM models."""
-        return self.umx is None
 
 
 def load_model(source: str | Path, targets: list[str] | None = None, identity: bool = True,
@@ -91,7 +65,6 @@ def load_model(source: str | Path, targets: list[str] | None = None, identity: b
     :class:`UntrustedCodeError` for a folder that would run code without ``trust_code``;
     :class:`UnsafeNameError` for a target or file name that would leave the folder.
     """
-    from umxtools import pretrained  # it imports this module
     from umxtools.models import foreign  # imports demucs only when used
 
     for t in targets or []:
@@ -125,16 +98,6 @@ def _weight_files(model: SeparationModel, folder: Path) -> list[Path]:
     return [folder / name for name in model.identity.get("weights", [])]
 
 
-def file_identity(path: Path) -> dict:
-    """Size, modification time and SHA-256 of a file (provenance, not a cache key)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    st = path.stat()
-    return {"path": str(path.resolve()), "size_bytes": st.st_size, "mtime": st.st_mtime, "sha256": digest.hexdigest()}
-
-
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -143,47 +106,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ModelError(path, "not a JSON object")
     return data
-
-
-def select_targets(available: list[str], targets: list[str] | None, where: Path | str) -> list[str]:
-    if targets is None:
-        return list(available)
-    unknown = [t for t in targets if t not in available]
-    if unknown:
-        raise ModelError(where, f"has no target {unknown[0]!r} (its targets: {', '.join(available)})")
-    if len(set(targets)) != len(targets):
-        raise ModelError(where, f"a target is asked for twice: {', '.join(targets)}")
-    return list(targets)
-
-
-def load_state(path: Path) -> dict:
-    """A state dict from a ``.pth`` file (``weights_only``: a weights file never runs code).
-
-    A pickle that holds anything but tensors and plain values (an object that would run code
-    when loaded) is refused before any of it runs: :class:`ModelError`, one line naming the file.
-    """
-    try:
-        with warnings.catch_warnings():
-            # torch warns about pickle protocols of refused files before refusing them
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelError(path, "not a plain weights file (it would run code on load, or it is damaged); nothing in it was run: "
-                               "get it again from a source you trust, or save the weights as a state dict "
-                               "(torch.save(model.state_dict(), PATH))") from exc
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise ModelError(path, f"not a readable weights file ({type(exc).__name__}: {first})") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(path, "not a state dict (a mapping of parameter names to tensors)")
-    return state
-
-
-def _target_names(names: list, where: Path) -> list[str]:
-    """Targets read from a model's JSON file: each must be a plain file name (it names files)."""
-    for name in names:
-        fileio.check_name(name, "target", where)
-    return list(names)
 
 
 # --- open-unmix's layout ---------------------------------------------------------------------------
@@ -199,10 +121,10 @@ def _load_openunmix_folder(folder: Path, targets: list[str] | None) -> Separatio
         raise ModelError(folder / "separator.json", f"needs a positive whole 'sample_rate', has {rate!r}")
     available = conf.get("targets")
     if isinstance(available, list) and available:
-        _target_names(available, folder / "separator.json")
+        target_names(available, folder / "separator.json")
     else:
         # open-unmix's own separator.json has no target list: every <target>.json with weights
-        available = _target_names(sorted(p.stem for p in folder.glob("*.json") if p.name not in ("separator.json", "model.json")
+        available = target_names(sorted(p.stem for p in folder.glob("*.json") if p.name not in ("separator.json", "model.json")
                                          and _weights_path(folder, p.stem) is not None), folder)
     # every target is a checked plain name from here on: <target>.pth and <target>.json stay in the folder
     chosen = select_targets(available, targets, folder)
@@ -236,45 +158,6 @@ def _weights_path(folder: Path, target: str) -> Path | None:
     return hashed[0] if hashed else None
 
 
-def umx_from_state(state: dict, n_fft: int, where: Path | str) -> OpenUnmix:
-    """An :class:`OpenUnmix` whose sizes are read off ``state`` (open-unmix's names), weights loaded.
-
-    ``nb_bins = n_fft // 2 + 1``; ``max_bin`` from ``input_mean``; ``hidden_size`` from ``fc1``;
-    ``nb_layers`` and ``unidirectional`` from the LSTM's keys. Keys the model lacks (the
-    ``sample_rate``/``stft.window`` buffers of older open-unmix files) are ignored, as open-unmix
-    loads with ``strict=False``; a missing or misshapen parameter is an error.
-    """
-    needed = ("fc1.weight", "input_mean", "fc3.weight", "lstm.weight_ih_l0")
-    missing = [k for k in needed if k not in state]
-    if missing:
-        raise ModelError(where, f"not an Open-Unmix state dict (no {missing[0]!r})")
-    max_bin = state["input_mean"].shape[0]
-    hidden_size, fc1_in = state["fc1.weight"].shape
-    nb_channels = fc1_in // max_bin
-    nb_layers = sum(1 for k in state if k.startswith("lstm.weight_ih_l") and not k.endswith("_reverse"))
-    unidirectional = "lstm.weight_ih_l0_reverse" not in state
-    nb_bins = n_fft // 2 + 1
-    if state["fc3.weight"].shape[0] != nb_bins * nb_channels:
-        raise ModelError(where, f"estimates {state['fc3.weight'].shape[0] // max(1, nb_channels)} bins, n_fft {n_fft} needs {nb_bins}")
-    model = OpenUnmix(nb_bins=nb_bins, nb_channels=nb_channels, hidden_size=hidden_size, nb_layers=nb_layers,
-                      unidirectional=unidirectional, max_bin=max_bin)
-    have = model.state_dict()
-    absent = [k for k in have if k not in state]
-    if absent:
-        raise ModelError(where, f"lacks {absent[0]!r} (and {len(absent) - 1} more)" if len(absent) > 1 else f"lacks {absent[0]!r}")
-    wrong = [k for k in have if state[k].shape != have[k].shape]
-    if wrong:
-        raise ModelError(where, f"{wrong[0]!r} has shape {tuple(state[wrong[0]].shape)}, expected {tuple(have[wrong[0]].shape)}")
-    model.load_state_dict({k: state[k] for k in have})
-    return model.freeze()
-
-
-def umx_args(model: OpenUnmix) -> dict:
-    """The constructor arguments of a built :class:`OpenUnmix` (for provenance)."""
-    return {"nb_bins": model.nb_output_bins, "nb_channels": model.nb_channels, "hidden_size": model.hidden_size,
-            "nb_layers": model.lstm.num_layers, "unidirectional": not model.lstm.bidirectional, "max_bin": model.nb_bins}
-
-
 # --- umxtools' model.json ----------------------------------------------------------------------------
 
 
@@ -296,7 +179,7 @@ def _load_umxtools_folder(folder: Path, targets: list[str] | None, trust_code: b
     available = meta.get("targets")
     if not isinstance(available, list) or not available or not all(isinstance(t, str) for t in available):
         raise ModelError(meta_path, "needs a non-empty 'targets' list")
-    _target_names(available, meta_path)
+    target_names(available, meta_path)
     rate = meta.get("sample_rate")
     if not isinstance(rate, (int, float)) or rate <= 0 or rate != int(rate):
         raise ModelError(meta_path, f"needs a positive whole 'sample_rate', has {rate!r}")
