@@ -1,21 +1,16 @@
-"""Loading a model folder for separation: open-unmix's folders and umxtools' ``model.json`` folders.
+"""Loading a model for separation: which loader a source goes to, and model folders rebuilt.
 
-docs/model-format.md defines both layouts. A folder with a ``model.json`` is rebuilt from it (class
-spec, constructor arguments, whole-model weights); otherwise ``separator.json`` plus one
-``<target>.pth`` per target is an open-unmix folder whose UMX models are rebuilt from the state
-dict shapes (what open-unmix reads from ``<target>.json`` is checked against them). Published
-open-unmix weights by name are :mod:`umxtools.pretrained`'s, demucs and MSST files
-:mod:`umxtools.models.foreign`'s; all three build the :class:`SeparationModel` of
-:mod:`umxtools.models.separation_model`, which imports none of them (no import cycle).
+:func:`load_model` dispatches: a demucs ``.th`` file or name and an MSST ``.ckpt`` go to
+:mod:`umxtools.models.foreign`; a folder with a ``model.json`` (umxtools') or a
+``separator.json`` (open-unmix's layout) is rebuilt here from what :mod:`umxtools.model_folder`
+reads and checks in its files (docs/model-format.md); a published open-unmix name goes to
+:mod:`umxtools.pretrained`. Every loader returns a
+:class:`~umxtools.models.separation_model.SeparationModel`, built with the helpers of that module.
 
 A model folder is data: its files never run code unless the caller trusts it. Weights are read
 with ``torch.load(weights_only=True)``; a ``model.json`` whose class is not one of umxtools' own
 (``umxtools.*`` modules) is refused without ``trust_code`` (``--trust-code``); every target and
 file name read from its JSON files becomes a path only through :func:`umxtools.fileio.safe_child`.
-
-Every model becomes a :class:`SeparationModel`: either one :class:`OpenUnmix` per target, which
-:mod:`umxtools.separation` runs with memory bounded independently of the track length, or any
-module with the interface of its ``kind``.
 """
 
 from __future__ import annotations
@@ -25,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from umxtools import fileio, pretrained
+from umxtools import fileio, model_folder, pretrained
 from umxtools.errors import UntrustedCodeError
-from umxtools.models import KINDS, ModelError, load_class
+from umxtools.model_folder import MODEL_FORMAT, MODEL_JSON, SEPARATOR_JSON
+from umxtools.models import ModelError, load_class
 from umxtools.models.separation_model import (
     SeparationModel,
     file_identity,
     load_state,
     select_targets,
-    target_names,
     umx_args,
     umx_from_state,
 )
@@ -43,7 +38,6 @@ from umxtools.models.umx import OpenUnmix
 __all__ = ["MODEL_FORMAT", "TRUST_ENV", "TRUST_HINT", "SeparationModel", "builtin_spec", "file_identity", "load_model",
            "load_state", "select_targets", "umx_args", "umx_from_state"]
 
-MODEL_FORMAT = "umxtools.model"
 # the environment variable that trusts model folders' code where no flag can be passed (bin/ scripts)
 TRUST_ENV = "UMXTOOLS_TRUST_CODE"
 TRUST_HINT = f"if you trust this model folder, pass --trust-code (or set {TRUST_ENV}=1)"
@@ -79,9 +73,9 @@ def load_model(source: str | Path, targets: list[str] | None = None, identity: b
     if path.exists():
         if not path.is_dir():
             raise ModelError(path, "is a file; a model is a folder (model.json or separator.json + <target>.pth)")
-        if (path / "model.json").exists():
+        if (path / MODEL_JSON).exists():
             model = _load_umxtools_folder(path, targets, trust_code)
-        elif (path / "separator.json").exists():
+        elif (path / SEPARATOR_JSON).exists():
             model = _load_openunmix_folder(path, targets)
         else:
             raise ModelError(path, "not a model folder: it has neither model.json nor separator.json")
@@ -98,64 +92,30 @@ def _weight_files(model: SeparationModel, folder: Path) -> list[Path]:
     return [folder / name for name in model.identity.get("weights", [])]
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(path, f"not readable JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ModelError(path, "not a JSON object")
-    return data
-
-
 # --- open-unmix's layout ---------------------------------------------------------------------------
 
 
 def _load_openunmix_folder(folder: Path, targets: list[str] | None) -> SeparationModel:
-    conf = _read_json(folder / "separator.json")
-    for key in ("nfft", "nhop", "nb_channels"):
-        if not isinstance(conf.get(key), int) or conf[key] <= 0:
-            raise ModelError(folder / "separator.json", f"needs a positive integer {key!r}")
-    rate = conf.get("sample_rate", conf.get("rate"))
-    if not isinstance(rate, (int, float)) or rate <= 0 or rate != int(rate):
-        raise ModelError(folder / "separator.json", f"needs a positive whole 'sample_rate', has {rate!r}")
-    available = conf.get("targets")
-    if isinstance(available, list) and available:
-        target_names(available, folder / "separator.json")
-    else:
-        # open-unmix's own separator.json has no target list: every <target>.json with weights
-        available = target_names(sorted(p.stem for p in folder.glob("*.json") if p.name not in ("separator.json", "model.json")
-                                         and _weights_path(folder, p.stem) is not None), folder)
+    conf = model_folder.read_separator(folder)
     # every target is a checked plain name from here on: <target>.pth and <target>.json stay in the folder
-    chosen = select_targets(available, targets, folder)
+    chosen = select_targets(conf.targets, targets, folder)
     models, weights = {}, []
     for target in chosen:
-        path = _weights_path(folder, target)
+        path = model_folder.weights_path(folder, target)
         if path is None:
             raise ModelError(folder, f"has no weights for target {target!r} ({target}.pth)")
         state = load_state(path)
-        meta_path = folder / f"{target}.json"
-        meta = _read_json(meta_path) if meta_path.exists() else {}
-        nfft = meta.get("args", {}).get("nfft", conf["nfft"])
-        if nfft != conf["nfft"]:
-            raise ModelError(meta_path, f"was trained with nfft {nfft}, separator.json says {conf['nfft']}")
-        models[target] = umx_from_state(state, conf["nfft"], path)
-        if models[target].nb_channels != conf["nb_channels"]:
-            raise ModelError(path, f"takes {models[target].nb_channels} channel(s), separator.json says {conf['nb_channels']}")
+        nfft = model_folder.target_nfft(folder, target)
+        if nfft is not None and nfft != conf.nfft:
+            raise ModelError(folder / f"{target}.json", f"was trained with nfft {nfft}, separator.json says {conf.nfft}")
+        models[target] = umx_from_state(state, conf.nfft, path)
+        if models[target].nb_channels != conf.nb_channels:
+            raise ModelError(path, f"takes {models[target].nb_channels} channel(s), separator.json says {conf.nb_channels}")
         weights.append(path.name)
     identity = {"source": str(folder.resolve()), "format": "openunmix", "class": "umxtools.models.umx:OpenUnmix",
                 "weights": weights, "args": {t: umx_args(m) for t, m in models.items()}}
-    return SeparationModel(kind="spectrogram", targets=chosen, sample_rate=int(rate), nb_channels=conf["nb_channels"],
-                           n_fft=conf["nfft"], n_hop=conf["nhop"], umx=models, identity=identity)
-
-
-def _weights_path(folder: Path, target: str) -> Path | None:
-    """``<target>.pth``, or a torch.hub-style ``<target>-<hash>.pth`` (open-unmix globs ``<target>*.pth``)."""
-    exact = folder / f"{target}.pth"
-    if exact.is_file():
-        return exact
-    hashed = sorted(folder.glob(f"{target}-*.pth"))
-    return hashed[0] if hashed else None
+    return SeparationModel(kind="spectrogram", targets=chosen, sample_rate=conf.sample_rate, nb_channels=conf.nb_channels,
+                           n_fft=conf.nfft, n_hop=conf.nhop, umx=models, identity=identity)
 
 
 # --- umxtools' model.json ----------------------------------------------------------------------------
@@ -169,42 +129,23 @@ def builtin_spec(spec: str) -> bool:
 
 
 def _load_umxtools_folder(folder: Path, targets: list[str] | None, trust_code: bool = False) -> SeparationModel:
-    meta_path = folder / "model.json"
-    meta = _read_json(meta_path)
-    if meta.get("format") != MODEL_FORMAT:
-        raise ModelError(meta_path, f"not a umxtools model file (format {meta.get('format')!r}, expected {MODEL_FORMAT!r})")
-    kind = meta.get("kind")
-    if kind not in KINDS:
-        raise ModelError(meta_path, f"kind must be one of {', '.join(KINDS)}, has {kind!r}")
-    available = meta.get("targets")
-    if not isinstance(available, list) or not available or not all(isinstance(t, str) for t in available):
-        raise ModelError(meta_path, "needs a non-empty 'targets' list")
-    target_names(available, meta_path)
-    rate = meta.get("sample_rate")
-    if not isinstance(rate, (int, float)) or rate <= 0 or rate != int(rate):
-        raise ModelError(meta_path, f"needs a positive whole 'sample_rate', has {rate!r}")
-    if kind == "spectrogram":
-        for key in ("n_fft", "n_hop"):
-            if not isinstance(meta.get(key), int) or meta[key] <= 0:
-                raise ModelError(meta_path, f"a spectrogram model needs a positive integer {key!r}")
+    meta = model_folder.read_model_json(folder)
+    spec, kind, available = meta.spec.cls, meta.spec.kind, meta.targets
     chosen = select_targets(available, targets, folder)
-    spec = str(meta.get("class", ""))
     if not builtin_spec(spec) and not trust_code:
-        raise UntrustedCodeError(meta_path, f"its class {spec!r} is Python code from outside umxtools, which would run on load; "
+        raise UntrustedCodeError(meta.path, f"its class {spec!r} is Python code from outside umxtools, which would run on load; "
                                             f"{TRUST_HINT}")
-    weights = fileio.safe_child(folder, str(meta.get("weights", "model.pth")), "weights file", meta_path)
     cls = load_class(_spec_near(spec, folder))
     if cls.kind != kind:
-        raise ModelError(meta_path, f"says kind {kind!r} but {spec} is a {cls.kind} model")
-    args = meta.get("args", {})
-    if not isinstance(args, dict):
-        raise ModelError(meta_path, "'args' must be a JSON object of constructor arguments")
+        raise ModelError(meta.path, f"says kind {kind!r} but {spec} is a {cls.kind} model")
+    args = meta.spec.args
     try:
         module = cls(**args)
     except TypeError as exc:
         raise ModelError(spec, f"cannot construct with {json.dumps(args, sort_keys=True)} ({exc})") from exc
     except Exception as exc:  # user code: any failure is one line, not a traceback
         raise ModelError(spec, f"constructor failed: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
+    weights = meta.weights
     if not weights.is_file():
         raise ModelError(folder, f"has no weights file {weights.name}")
     state = load_state(weights)
@@ -216,9 +157,9 @@ def _load_umxtools_folder(folder: Path, targets: list[str] | None, trust_code: b
     for p in module.parameters():
         p.requires_grad = False
     identity = {"source": str(folder.resolve()), "format": MODEL_FORMAT, "class": spec, "args": args, "weights": [weights.name]}
-    model = SeparationModel(kind=kind, targets=chosen, sample_rate=int(rate), nb_channels=int(meta.get("nb_channels", 2)),
-                            n_fft=meta.get("n_fft"), n_hop=meta.get("n_hop"), module=module, module_targets=list(available),
-                            identity=identity, segmenting=meta.get("segmenting"))
+    model = SeparationModel(kind=kind, targets=chosen, sample_rate=meta.sample_rate, nb_channels=meta.nb_channels,
+                            n_fft=meta.n_fft, n_hop=meta.n_hop, module=module, module_targets=list(available),
+                            identity=identity, segmenting=meta.segmenting)
     if kind == "spectrogram":
         parts = _umx_parts(module, available)
         if parts is not None:
