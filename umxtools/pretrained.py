@@ -5,9 +5,9 @@ file lives in ``$TORCH_HOME/hub/checkpoints`` (by default ``~/.cache/torch/hub/c
 under the URL's file name, where ``torch.hub.load_state_dict_from_url`` keeps it, so a file
 fetched once, or copied there by hand on a machine without network, is never fetched again.
 Unlike that function (``weights_only=False`` by default in torch 2.13), the file is read with
-``weights_only=True`` (:func:`umxtools.models.loading.load_state`): a pickle placed in the cache
-cannot run code. Sizes are read off the weights themselves
-(:func:`umxtools.models.loading.umx_from_state`).
+``weights_only=True`` (:func:`umxtools.models.separation_model.load_state`): a pickle placed in the
+cache cannot run code. Sizes are read off the weights themselves
+(:func:`umxtools.models.separation_model.umx_from_state`).
 
 ``umxtools separate`` without ``--model`` uses :data:`DEFAULT` only when its files are already in
 the cache (:func:`default_model`): a default never starts a download of several hundred MB (a
@@ -93,7 +93,7 @@ def download(name: str, url: str, path: Path) -> None:
 
 def missing_files(name: str, targets: list[str] | None = None) -> list[str]:
     """The URLs of the weights of ``name`` (its ``targets``) that are not in torch.hub's cache."""
-    from umxtools.models.loading import select_targets
+    from umxtools.models.separation_model import select_targets
 
     pub = PUBLISHED[name]
     return [pub.urls[t] for t in select_targets(list(pub.urls), targets, name) if not hub_file(pub.urls[t]).exists()]
@@ -117,14 +117,14 @@ def default_model(targets: list[str] | None = None) -> str:
 
 
 def load_published(name: str, targets: list[str] | None = None, identity: bool = True):
-    """The published model ``name`` as a :class:`~umxtools.models.loading.SeparationModel`.
+    """The published model ``name`` as a :class:`~umxtools.models.separation_model.SeparationModel`.
 
     Weights come from torch.hub's cache, downloaded when absent. Raises ``ModelError`` when a
     download fails (no network: the message names every file still missing and where to put
     them) or when a cached file is not plain weights (it is refused without running anything in it).
     """
     from umxtools.models import ModelError
-    from umxtools.models.loading import (
+    from umxtools.models.separation_model import (  # torch: imported when a model loads
         SeparationModel,
         file_identity,
         load_state,

@@ -23,6 +23,7 @@ import inspect
 from pathlib import Path
 
 from umxtools.errors import DatasetError, ModelError
+from umxtools.losses import LOSSES
 
 # umxtools train --model NAME; anything else given to --model is read as a MODULE:CLASS spec
 MODELS: dict[str, str] = {
@@ -36,8 +37,7 @@ MODELS: dict[str, str] = {
 DEMUCS_NAMES = ("htdemucs", "htdemucs_ft", "htdemucs_6s")
 # what --joint trains (one UMX per target)
 JOINT = "umxtools.models.joint:OpenUnmixJoint"
-# the training loss of each kind: open-unmix's MSE on magnitudes; L1 (Demucs' loss) or SDR on waveforms
-LOSSES: dict[str, tuple[str, ...]] = {"spectrogram": ("mse",), "waveform": ("l1", "sdr")}
+# the model kinds are those umxtools.losses has losses for
 KINDS = tuple(LOSSES)
 # the constructor arguments umxtools offers every model class (facts of the cache and the flags)
 OFFERED_ARGS = ("targets", "nb_bins", "nb_channels", "sample_rate", "n_fft", "n_hop", "max_bin")

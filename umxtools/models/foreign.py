@@ -174,8 +174,8 @@ def _fetch(name: str, signatures: list[str], urls: dict[str, str]) -> None:
 
 
 def demucs_separation_model(source: str | Path, targets: list[str] | None = None, identity: bool = True):
-    """A demucs ``.th`` file or name -> :class:`~umxtools.models.loading.SeparationModel`."""
-    from umxtools.models.loading import SeparationModel, file_identity, select_targets
+    """A demucs ``.th`` file or name -> :class:`~umxtools.models.separation_model.SeparationModel`."""
+    from umxtools.models.separation_model import SeparationModel, file_identity, select_targets
 
     path = Path(source).expanduser()
     module = load_demucs_file(path) if path.suffix == ".th" and path.exists() else load_demucs_name(str(source))
@@ -192,9 +192,9 @@ def demucs_separation_model(source: str | Path, targets: list[str] | None = None
 
 
 def msst_separation_model(checkpoint: str | Path, config: str | Path, targets: list[str] | None = None, identity: bool = True):
-    """An MSST ``.ckpt`` and its YAML -> :class:`~umxtools.models.loading.SeparationModel`, separated
+    """An MSST ``.ckpt`` and its YAML -> :class:`~umxtools.models.separation_model.SeparationModel`, separated
     with MSST's ``demix`` rule and the config's ``chunk_size``/``num_overlap``/``batch_size``."""
-    from umxtools.models.loading import SeparationModel, file_identity, select_targets
+    from umxtools.models.separation_model import SeparationModel, file_identity, select_targets
     from umxtools.msst import ARCHITECTURES, build_msst_model, read_msst_config
 
     conf = read_msst_config(config)
@@ -222,21 +222,19 @@ def msst_separation_model(checkpoint: str | Path, config: str | Path, targets: l
 def write_model_folder(model, folder: str | Path, command: list[str] | None = None) -> Path:
     """A loaded demucs or MSST :class:`SeparationModel` -> a model folder (model.json + model.pth)
     that ``separate``, ``eval`` and ``report`` load like any other, separated with the same rule."""
-    from umxtools import __version__
-    from umxtools.models.loading import MODEL_FORMAT
+    from umxtools import model_folder
 
     folder = Path(folder)
     ident = model.identity
     if ident.get("format") not in ("demucs", "msst"):
         raise UmxError(folder, "only demucs and MSST models are written this way; umxtools train writes its own folders")
-    meta = {"format": MODEL_FORMAT, "format_version": 1, "kind": "waveform", "class": ident["class"], "args": ident["args"],
-            "targets": model.module_targets, "weights": "model.pth", "sample_rate": model.sample_rate,
-            "nb_channels": model.nb_channels, "imported_from": {k: ident[k] for k in ("source", "format", "config", "files") if k in ident},
-            "umxtools_version": __version__, "command": command}
+    more = {"imported_from": {k: ident[k] for k in ("source", "format", "config", "files") if k in ident}}
+    spec = model_folder.ModelSpec(ident["class"], ident["args"], "waveform")
+    meta = model_folder.model_json(spec, model.module_targets, "model.pth", model.sample_rate, model.nb_channels, command, **more)
     if model.segmenting is not None:
         meta["segmenting"] = model.segmenting
     state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}
     with fileio.atomic(folder / "model.pth") as tmp:
         torch.save(state, tmp)
-    fileio.write_json(folder / "model.json", meta, indent=2)
+    model_folder.write_json(folder / model_folder.MODEL_JSON, meta)
     return folder

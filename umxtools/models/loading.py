@@ -1,78 +1,46 @@
-"""Loading a model folder for separation: open-unmix's folders and umxtools' ``model.json`` folders.
+"""Loading a model for separation: which loader a source goes to, and model folders rebuilt.
 
-docs/model-format.md defines both layouts. A folder with a ``model.json`` is rebuilt from it (class
-spec, constructor arguments, whole-model weights); otherwise ``separator.json`` plus one
-``<target>.pth`` per target is an open-unmix folder whose UMX models are rebuilt from the state
-dict shapes (what open-unmix reads from ``<target>.json`` is checked against them). Published
-open-unmix weights by name are :mod:`umxtools.pretrained`'s.
+:func:`load_model` dispatches: a demucs ``.th`` file or name and an MSST ``.ckpt`` go to
+:mod:`umxtools.models.foreign`; a folder with a ``model.json`` (umxtools') or a
+``separator.json`` (open-unmix's layout) is rebuilt here from what :mod:`umxtools.model_folder`
+reads and checks in its files (docs/model-format.md); a published open-unmix name goes to
+:mod:`umxtools.pretrained`. Every loader returns a
+:class:`~umxtools.models.separation_model.SeparationModel`, built with the helpers of that module.
 
 A model folder is data: its files never run code unless the caller trusts it. Weights are read
 with ``torch.load(weights_only=True)``; a ``model.json`` whose class is not one of umxtools' own
 (``umxtools.*`` modules) is refused without ``trust_code`` (``--trust-code``); every target and
 file name read from its JSON files becomes a path only through :func:`umxtools.fileio.safe_child`.
-
-Every model becomes a :class:`SeparationModel`: either one :class:`OpenUnmix` per target, which
-:mod:`umxtools.separation` runs with memory bounded independently of the track length, or any
-module with the interface of its ``kind``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import pickle
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from umxtools import fileio
+from umxtools import fileio, model_folder, pretrained
 from umxtools.errors import UntrustedCodeError
-from umxtools.models import KINDS, ModelError, load_class
+from umxtools.model_folder import MODEL_FORMAT, MODEL_JSON, SEPARATOR_JSON
+from umxtools.models import ModelError, load_class
+from umxtools.models.separation_model import (
+    SeparationModel,
+    file_identity,
+    load_state,
+    select_targets,
+    umx_args,
+    umx_from_state,
+)
 from umxtools.models.umx import OpenUnmix
 
-MODEL_FORMAT = "umxtools.model"
+# re-exported: SeparationModel and its helpers lived here before umxtools.models.separation_model
+__all__ = ["MODEL_FORMAT", "TRUST_ENV", "TRUST_HINT", "SeparationModel", "builtin_spec", "file_identity", "load_model",
+           "load_state", "select_targets", "umx_args", "umx_from_state"]
+
 # the environment variable that trusts model folders' code where no flag can be passed (bin/ scripts)
 TRUST_ENV = "UMXTOOLS_TRUST_CODE"
 TRUST_HINT = f"if you trust this model folder, pass --trust-code (or set {TRUST_ENV}=1)"
-
-
-@dataclass
-class SeparationModel:
-    """What separation needs to know about a model, whatever its files looked like.
-
-    Exactly one of ``umx`` (target -> :class:`OpenUnmix`, in ``targets`` order) and ``module``
-    (a spectrogram or waveform model whose outputs are ``module_targets``) is set.
-    ``n_fft``/``n_hop`` are the spectrogram models' STFT; ``nb_channels`` is the model's input
-    channels (1: open-unmix's mono models see the channel mean of the stereo magnitude).
-    """
-
-    kind: str
-    targets: list[str]
-    sample_rate: int
-    nb_channels: int = 2
-    n_fft: int | None = None
-    n_hop: int | None = None
-    umx: dict[str, OpenUnmix] | None = None
-    module: torch.nn.Module | None = None
-    module_targets: list[str] | None = None
-    identity: dict = field(default_factory=dict)
-    # how umxtools.segments runs a segment-based waveform model: {"rule": "demucs"} or {"rule": "msst", ...}
-    segmenting: dict | None = None
-
-    def to(self, device: torch.device | str) -> "SeparationModel":
-        for m in self.modules():
-            m.to(device)
-        return self
-
-    def modules(self) -> list[torch.nn.Module]:
-        return list(self.umx.values()) if self.umx is not None else [self.module]
-
-    @property
-    def chunkable(self) -> bool:
-        """Whether ``--segment`` makes sense: anything but open-unmix's whole-sequence BLSTM models."""
-        return self.umx is None
 
 
 def load_model(source: str | Path, targets: list[str] | None = None, identity: bool = True,
@@ -91,7 +59,6 @@ def load_model(source: str | Path, targets: list[str] | None = None, identity: b
     :class:`UntrustedCodeError` for a folder that would run code without ``trust_code``;
     :class:`UnsafeNameError` for a target or file name that would leave the folder.
     """
-    from umxtools import pretrained  # it imports this module
     from umxtools.models import foreign  # imports demucs only when used
 
     for t in targets or []:
@@ -106,9 +73,9 @@ def load_model(source: str | Path, targets: list[str] | None = None, identity: b
     if path.exists():
         if not path.is_dir():
             raise ModelError(path, "is a file; a model is a folder (model.json or separator.json + <target>.pth)")
-        if (path / "model.json").exists():
+        if (path / MODEL_JSON).exists():
             model = _load_umxtools_folder(path, targets, trust_code)
-        elif (path / "separator.json").exists():
+        elif (path / SEPARATOR_JSON).exists():
             model = _load_openunmix_folder(path, targets)
         else:
             raise ModelError(path, "not a model folder: it has neither model.json nor separator.json")
@@ -125,154 +92,30 @@ def _weight_files(model: SeparationModel, folder: Path) -> list[Path]:
     return [folder / name for name in model.identity.get("weights", [])]
 
 
-def file_identity(path: Path) -> dict:
-    """Size, modification time and SHA-256 of a file (provenance, not a cache key)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    st = path.stat()
-    return {"path": str(path.resolve()), "size_bytes": st.st_size, "mtime": st.st_mtime, "sha256": digest.hexdigest()}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(path, f"not readable JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ModelError(path, "not a JSON object")
-    return data
-
-
-def select_targets(available: list[str], targets: list[str] | None, where: Path | str) -> list[str]:
-    if targets is None:
-        return list(available)
-    unknown = [t for t in targets if t not in available]
-    if unknown:
-        raise ModelError(where, f"has no target {unknown[0]!r} (its targets: {', '.join(available)})")
-    if len(set(targets)) != len(targets):
-        raise ModelError(where, f"a target is asked for twice: {', '.join(targets)}")
-    return list(targets)
-
-
-def load_state(path: Path) -> dict:
-    """A state dict from a ``.pth`` file (``weights_only``: a weights file never runs code).
-
-    A pickle that holds anything but tensors and plain values (an object that would run code
-    when loaded) is refused before any of it runs: :class:`ModelError`, one line naming the file.
-    """
-    try:
-        with warnings.catch_warnings():
-            # torch warns about pickle protocols of refused files before refusing them
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelError(path, "not a plain weights file (it would run code on load, or it is damaged); nothing in it was run: "
-                               "get it again from a source you trust, or save the weights as a state dict "
-                               "(torch.save(model.state_dict(), PATH))") from exc
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise ModelError(path, f"not a readable weights file ({type(exc).__name__}: {first})") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(path, "not a state dict (a mapping of parameter names to tensors)")
-    return state
-
-
-def _target_names(names: list, where: Path) -> list[str]:
-    """Targets read from a model's JSON file: each must be a plain file name (it names files)."""
-    for name in names:
-        fileio.check_name(name, "target", where)
-    return list(names)
-
-
 # --- open-unmix's layout ---------------------------------------------------------------------------
 
 
 def _load_openunmix_folder(folder: Path, targets: list[str] | None) -> SeparationModel:
-    conf = _read_json(folder / "separator.json")
-    for key in ("nfft", "nhop", "nb_channels"):
-        if not isinstance(conf.get(key), int) or conf[key] <= 0:
-            raise ModelError(folder / "separator.json", f"needs a positive integer {key!r}")
-    rate = conf.get("sample_rate", conf.get("rate"))
-    if not isinstance(rate, (int, float)) or rate <= 0 or rate != int(rate):
-        raise ModelError(folder / "separator.json", f"needs a positive whole 'sample_rate', has {rate!r}")
-    available = conf.get("targets")
-    if isinstance(available, list) and available:
-        _target_names(available, folder / "separator.json")
-    else:
-        # open-unmix's own separator.json has no target list: every <target>.json with weights
-        available = _target_names(sorted(p.stem for p in folder.glob("*.json") if p.name not in ("separator.json", "model.json")
-                                         and _weights_path(folder, p.stem) is not None), folder)
+    conf = model_folder.read_separator(folder)
     # every target is a checked plain name from here on: <target>.pth and <target>.json stay in the folder
-    chosen = select_targets(available, targets, folder)
+    chosen = select_targets(conf.targets, targets, folder)
     models, weights = {}, []
     for target in chosen:
-        path = _weights_path(folder, target)
+        path = model_folder.weights_path(folder, target)
         if path is None:
             raise ModelError(folder, f"has no weights for target {target!r} ({target}.pth)")
         state = load_state(path)
-        meta_path = folder / f"{target}.json"
-        meta = _read_json(meta_path) if meta_path.exists() else {}
-        nfft = meta.get("args", {}).get("nfft", conf["nfft"])
-        if nfft != conf["nfft"]:
-            raise ModelError(meta_path, f"was trained with nfft {nfft}, separator.json says {conf['nfft']}")
-        models[target] = umx_from_state(state, conf["nfft"], path)
-        if models[target].nb_channels != conf["nb_channels"]:
-            raise ModelError(path, f"takes {models[target].nb_channels} channel(s), separator.json says {conf['nb_channels']}")
+        nfft = model_folder.target_nfft(folder, target)
+        if nfft is not None and nfft != conf.nfft:
+            raise ModelError(folder / f"{target}.json", f"was trained with nfft {nfft}, separator.json says {conf.nfft}")
+        models[target] = umx_from_state(state, conf.nfft, path)
+        if models[target].nb_channels != conf.nb_channels:
+            raise ModelError(path, f"takes {models[target].nb_channels} channel(s), separator.json says {conf.nb_channels}")
         weights.append(path.name)
     identity = {"source": str(folder.resolve()), "format": "openunmix", "class": "umxtools.models.umx:OpenUnmix",
                 "weights": weights, "args": {t: umx_args(m) for t, m in models.items()}}
-    return SeparationModel(kind="spectrogram", targets=chosen, sample_rate=int(rate), nb_channels=conf["nb_channels"],
-                           n_fft=conf["nfft"], n_hop=conf["nhop"], umx=models, identity=identity)
-
-
-def _weights_path(folder: Path, target: str) -> Path | None:
-    """``<target>.pth``, or a torch.hub-style ``<target>-<hash>.pth`` (open-unmix globs ``<target>*.pth``)."""
-    exact = folder / f"{target}.pth"
-    if exact.is_file():
-        return exact
-    hashed = sorted(folder.glob(f"{target}-*.pth"))
-    return hashed[0] if hashed else None
-
-
-def umx_from_state(state: dict, n_fft: int, where: Path | str) -> OpenUnmix:
-    """An :class:`OpenUnmix` whose sizes are read off ``state`` (open-unmix's names), weights loaded.
-
-    ``nb_bins = n_fft // 2 + 1``; ``max_bin`` from ``input_mean``; ``hidden_size`` from ``fc1``;
-    ``nb_layers`` and ``unidirectional`` from the LSTM's keys. Keys the model lacks (the
-    ``sample_rate``/``stft.window`` buffers of older open-unmix files) are ignored, as open-unmix
-    loads with ``strict=False``; a missing or misshapen parameter is an error.
-    """
-    needed = ("fc1.weight", "input_mean", "fc3.weight", "lstm.weight_ih_l0")
-    missing = [k for k in needed if k not in state]
-    if missing:
-        raise ModelError(where, f"not an Open-Unmix state dict (no {missing[0]!r})")
-    max_bin = state["input_mean"].shape[0]
-    hidden_size, fc1_in = state["fc1.weight"].shape
-    nb_channels = fc1_in // max_bin
-    nb_layers = sum(1 for k in state if k.startswith("lstm.weight_ih_l") and not k.endswith("_reverse"))
-    unidirectional = "lstm.weight_ih_l0_reverse" not in state
-    nb_bins = n_fft // 2 + 1
-    if state["fc3.weight"].shape[0] != nb_bins * nb_channels:
-        raise ModelError(where, f"estimates {state['fc3.weight'].shape[0] // max(1, nb_channels)} bins, n_fft {n_fft} needs {nb_bins}")
-    model = OpenUnmix(nb_bins=nb_bins, nb_channels=nb_channels, hidden_size=hidden_size, nb_layers=nb_layers,
-                      unidirectional=unidirectional, max_bin=max_bin)
-    have = model.state_dict()
-    absent = [k for k in have if k not in state]
-    if absent:
-        raise ModelError(where, f"lacks {absent[0]!r} (and {len(absent) - 1} more)" if len(absent) > 1 else f"lacks {absent[0]!r}")
-    wrong = [k for k in have if state[k].shape != have[k].shape]
-    if wrong:
-        raise ModelError(where, f"{wrong[0]!r} has shape {tuple(state[wrong[0]].shape)}, expected {tuple(have[wrong[0]].shape)}")
-    model.load_state_dict({k: state[k] for k in have})
-    return model.freeze()
-
-
-def umx_args(model: OpenUnmix) -> dict:
-    """The constructor arguments of a built :class:`OpenUnmix` (for provenance)."""
-    return {"nb_bins": model.nb_output_bins, "nb_channels": model.nb_channels, "hidden_size": model.hidden_size,
-            "nb_layers": model.lstm.num_layers, "unidirectional": not model.lstm.bidirectional, "max_bin": model.nb_bins}
+    return SeparationModel(kind="spectrogram", targets=chosen, sample_rate=conf.sample_rate, nb_channels=conf.nb_channels,
+                           n_fft=conf.nfft, n_hop=conf.nhop, umx=models, identity=identity)
 
 
 # --- umxtools' model.json ----------------------------------------------------------------------------
@@ -286,42 +129,23 @@ def builtin_spec(spec: str) -> bool:
 
 
 def _load_umxtools_folder(folder: Path, targets: list[str] | None, trust_code: bool = False) -> SeparationModel:
-    meta_path = folder / "model.json"
-    meta = _read_json(meta_path)
-    if meta.get("format") != MODEL_FORMAT:
-        raise ModelError(meta_path, f"not a umxtools model file (format {meta.get('format')!r}, expected {MODEL_FORMAT!r})")
-    kind = meta.get("kind")
-    if kind not in KINDS:
-        raise ModelError(meta_path, f"kind must be one of {', '.join(KINDS)}, has {kind!r}")
-    available = meta.get("targets")
-    if not isinstance(available, list) or not available or not all(isinstance(t, str) for t in available):
-        raise ModelError(meta_path, "needs a non-empty 'targets' list")
-    _target_names(available, meta_path)
-    rate = meta.get("sample_rate")
-    if not isinstance(rate, (int, float)) or rate <= 0 or rate != int(rate):
-        raise ModelError(meta_path, f"needs a positive whole 'sample_rate', has {rate!r}")
-    if kind == "spectrogram":
-        for key in ("n_fft", "n_hop"):
-            if not isinstance(meta.get(key), int) or meta[key] <= 0:
-                raise ModelError(meta_path, f"a spectrogram model needs a positive integer {key!r}")
+    meta = model_folder.read_model_json(folder)
+    spec, kind, available = meta.spec.cls, meta.spec.kind, meta.targets
     chosen = select_targets(available, targets, folder)
-    spec = str(meta.get("class", ""))
     if not builtin_spec(spec) and not trust_code:
-        raise UntrustedCodeError(meta_path, f"its class {spec!r} is Python code from outside umxtools, which would run on load; "
+        raise UntrustedCodeError(meta.path, f"its class {spec!r} is Python code from outside umxtools, which would run on load; "
                                             f"{TRUST_HINT}")
-    weights = fileio.safe_child(folder, str(meta.get("weights", "model.pth")), "weights file", meta_path)
     cls = load_class(_spec_near(spec, folder))
     if cls.kind != kind:
-        raise ModelError(meta_path, f"says kind {kind!r} but {spec} is a {cls.kind} model")
-    args = meta.get("args", {})
-    if not isinstance(args, dict):
-        raise ModelError(meta_path, "'args' must be a JSON object of constructor arguments")
+        raise ModelError(meta.path, f"says kind {kind!r} but {spec} is a {cls.kind} model")
+    args = meta.spec.args
     try:
         module = cls(**args)
     except TypeError as exc:
         raise ModelError(spec, f"cannot construct with {json.dumps(args, sort_keys=True)} ({exc})") from exc
     except Exception as exc:  # user code: any failure is one line, not a traceback
         raise ModelError(spec, f"constructor failed: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
+    weights = meta.weights
     if not weights.is_file():
         raise ModelError(folder, f"has no weights file {weights.name}")
     state = load_state(weights)
@@ -333,9 +157,9 @@ def _load_umxtools_folder(folder: Path, targets: list[str] | None, trust_code: b
     for p in module.parameters():
         p.requires_grad = False
     identity = {"source": str(folder.resolve()), "format": MODEL_FORMAT, "class": spec, "args": args, "weights": [weights.name]}
-    model = SeparationModel(kind=kind, targets=chosen, sample_rate=int(rate), nb_channels=int(meta.get("nb_channels", 2)),
-                            n_fft=meta.get("n_fft"), n_hop=meta.get("n_hop"), module=module, module_targets=list(available),
-                            identity=identity, segmenting=meta.get("segmenting"))
+    model = SeparationModel(kind=kind, targets=chosen, sample_rate=meta.sample_rate, nb_channels=meta.nb_channels,
+                            n_fft=meta.n_fft, n_hop=meta.n_hop, module=module, module_targets=list(available),
+                            identity=identity, segmenting=meta.segmenting)
     if kind == "spectrogram":
         parts = _umx_parts(module, available)
         if parts is not None:

@@ -1,0 +1,280 @@
+"""What a training run is, checked before anything is written: flags, caches, model, datasets.
+
+:func:`prepare` turns a :class:`TrainConfig` (every flag of ``umxtools train``) into a
+:class:`Plan`: the caches opened and checked against the flags, the model built with its input
+normalisation from the training cache's mixture statistics, the training and validation datasets
+built (once: the loop trains on these), and what the run's files will record
+(:class:`umxtools.model_folder.RunInfo`). Bad input fails here, so it leaves no files;
+:mod:`umxtools.training` then decides under the run's lock what the output folder holds and trains.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from umxtools import distributed, fileio
+from umxtools.cache import MIXTURE, CacheMeta, open_cache
+from umxtools.errors import CacheError, OutputError, UmxError, UsageError
+from umxtools.loaders import IndexDataset, RandomDataset
+from umxtools.losses import LOSSES, loss_name
+from umxtools.model_folder import MODEL_RUN, ModelSpec, Resumed, RunFiles, RunInfo, cache_identity
+from umxtools.models import JOINT, MODELS, ModelError, OpenUnmix, OpenUnmixJoint, load_class, spec_of
+from umxtools.transforms import bandwidth_to_max_bin
+
+AUGMENTATIONS = ("gain", "channelswap")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+STATS_ARGS = ("input_mean", "input_scale")
+
+
+@dataclass
+class TrainConfig:
+    """Every flag of ``umxtools train``; defaults are open-unmix's (``scripts/train.py``)."""
+
+    cache: Path
+    valid: Path | None  # None: no validation (the last epoch's weights are kept)
+    output: Path
+    targets: tuple[str, ...] = ("vocals",)
+    joint: bool = False
+    model: str = "umx"  # a MODELS name or MODULE:CLASS
+    model_args: dict = field(default_factory=dict)
+    nfft: int | None = None  # None: the cache's
+    nhop: int | None = None
+    nb_channels: int = 2
+    hidden_size: int = 512
+    nb_layers: int = 3
+    bandwidth: float = 16000.0
+    unidirectional: bool = False
+    seq_dur: float = 6.0
+    valid_seq_dur: float | None = None  # None: whole tracks, as open-unmix validates
+    samples_per_track: int = 64
+    source_augmentations: tuple[str, ...] = AUGMENTATIONS
+    random_track_mix: bool = True
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    lr_decay_patience: int = 80
+    lr_decay_gamma: float = 0.3
+    patience: int = 140
+    epochs: int = 1000
+    seed: int = 42
+    loss: str = "l1"  # waveform models only
+    nb_workers: int = 0
+    device: str = "auto"
+    amp: str | None = None
+    time_limit: float | None = None  # minutes; stop after the epoch that passes it
+    force: bool = False
+    resume: bool = False
+    allow_stale: bool = False
+    command: list[str] | None = None
+
+    def args(self) -> dict:
+        """The flags as JSON (recorded in ``<target>.json`` / ``model.json``)."""
+        d = asdict(self)
+        for k in ("cache", "valid", "output"):
+            d[k] = None if d[k] is None else str(d[k])
+        d["targets"], d["source_augmentations"] = list(self.targets), list(self.source_augmentations)
+        d.pop("command")
+        return d
+
+
+@dataclass
+class Plan:
+    """Everything :func:`prepare` checked and built before writing anything."""
+
+    config: TrainConfig
+    meta: CacheMeta
+    valid_meta: CacheMeta | None  # None: no validation
+    model: torch.nn.Module
+    info: RunInfo  # what the run's files record
+    train_set: RandomDataset
+    valid_set: IndexDataset | None  # None: no validation
+    resume: Resumed | None = None  # the checkpoint to continue (set under the run's lock)
+    delete: list[Path] = field(default_factory=list)  # an earlier run's files (--force)
+
+    @property
+    def files(self) -> RunFiles:
+        return self.info.files
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.info.spec
+
+
+def pick_device(name: str, ctx: distributed.Context | None = None) -> torch.device:
+    """``auto``: CUDA when available. Under torchrun each process takes GPU ``LOCAL_RANK``."""
+    if name not in DEVICES:
+        raise UsageError(None, f"unknown device {name!r}; one of {', '.join(DEVICES)}")
+    cuda = torch.cuda.is_available()
+    if name == "cuda" and not cuda:
+        raise UsageError(None, "--device cuda: no CUDA device is available")
+    if name == "cpu" or not cuda:
+        return torch.device("cpu")
+    return torch.device("cuda", (ctx or distributed.Context()).local_rank)
+
+
+def prepare(config: TrainConfig) -> Plan:
+    """Check the caches, targets, settings and model; build the model and the datasets. Reads no
+    output file: :func:`umxtools.training.plan_output_of` decides, under the run's lock, what the
+    output folder's files mean."""
+    _check_flags(config)
+    for path in (config.cache, config.valid):
+        if path is not None and Path(config.output).resolve() == Path(path).resolve():
+            raise OutputError(config.output, f"is the cache {path}; write the model folder somewhere else (-o)")
+    if Path(config.output).exists() and not Path(config.output).is_dir():
+        raise OutputError(config.output, "exists and is not a folder")
+    meta = open_cache(config.cache, check_stale=not config.allow_stale)
+    s = meta.settings
+    for flag, key, want in (("--nfft", "n_fft", config.nfft), ("--nhop", "n_hop", config.nhop)):
+        if want is not None and getattr(s, key) != want:
+            raise CacheError(meta.path, f"cache was built with {key}={getattr(s, key)}, but {flag} {want} was given; "
+                                        f"rebuild the cache with {flag} {want} or drop the flag")
+    if not any(MIXTURE in t.roles for t in meta.tracks):
+        raise UsageError(meta.path, "has no mixture statistics (a source-folder cache); the model's input normalisation needs them")
+    valid_meta = None if config.valid is None else open_cache(config.valid, expect=s, check_stale=not config.allow_stale)
+    torch.manual_seed(config.seed)  # the initial weights; the same on every rank
+    model, spec = build_model(config, meta)
+    # built before anything is written, so a missing target fails early; the loop trains on them
+    train_set, valid_set = _datasets(config, spec.kind, meta, valid_meta)
+    files = _run_files(config)
+    if config.model == "umx" and (config.nb_layers != 3 or config.unidirectional):
+        # openunmix.utils.load_target_models rebuilds OpenUnmix from hidden_size alone and loads
+        # with strict=False: other LSTM layouts fail or, with fewer layers, silently keep random ones
+        warnings.warn(f"{files.folder}: open-unmix's load_separator rebuilds only 3-layer bidirectional UMX models; "
+                      "this one loads in umxtools only", stacklevel=2)
+    info = RunInfo(files, spec, config.args(), config.command, s.sample_rate, s.n_fft, s.n_hop, config.nb_channels,
+                   loss_name(spec.kind, config.loss), cache_identity(meta), cache_identity(valid_meta))
+    return Plan(config, meta, valid_meta, model, info, train_set, valid_set)
+
+
+def build_model(config: TrainConfig, meta: CacheMeta) -> tuple[torch.nn.Module, ModelSpec]:
+    """The model the flags describe, its input normalisation from the cache's mixture statistics."""
+    s = meta.settings
+    mean, std = meta.statistics(MIXTURE)
+    offered = {"targets": list(config.targets), "nb_bins": s.nb_bins, "nb_channels": config.nb_channels,
+               "sample_rate": s.sample_rate, "n_fft": s.n_fft, "n_hop": s.n_hop,
+               "max_bin": bandwidth_to_max_bin(s.sample_rate, s.n_fft, config.bandwidth)}
+    if config.model == "umx":
+        args = {k: offered[k] for k in ("nb_bins", "nb_channels", "max_bin")}
+        args.update(hidden_size=config.hidden_size, nb_layers=config.nb_layers, unidirectional=config.unidirectional)
+        if config.joint:
+            cls, spec, args = OpenUnmixJoint, JOINT, {"targets": list(config.targets), **args}
+        else:
+            cls, spec = OpenUnmix, MODELS["umx"]
+        model = cls(**args, input_mean=mean, input_scale=std)
+        return model, ModelSpec(spec, args, "spectrogram")
+    fixed = [k for k in config.model_args if k in offered and k != "max_bin"]
+    if fixed:  # facts of the data and the flags, not choices of the model
+        raise UsageError(None, f"--model-arg {fixed[0]}: umxtools sets it from the cache and the flags")
+    spec = spec_of(MODELS.get(config.model, config.model))
+    cls = load_class(spec)
+    params = inspect.signature(cls).parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    args = {k: v for k, v in offered.items() if k in params or var_kw}
+    args.update(config.model_args)
+    stats = {k: v for k, v in zip(STATS_ARGS, (mean, std)) if k in params}
+    try:
+        model = cls(**args, **stats)
+    except UmxError:
+        raise
+    except TypeError as exc:
+        raise ModelError(spec, f"cannot construct with {json.dumps(args, sort_keys=True)} ({exc})") from exc
+    except Exception as exc:  # user code: any failure is one line, not a traceback
+        raise ModelError(spec, f"constructor failed: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(spec, "the class is not a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError(spec, "the model has no trainable parameters")
+    return model, ModelSpec(spec, args, cls.kind)
+
+
+# --- checks and data ---------------------------------------------------------------------------
+
+
+def _check_flags(c: TrainConfig) -> None:
+    if not c.targets:
+        raise UsageError(None, "no target given")
+    for t in c.targets:  # a target names the run's files (<target>.pth)
+        fileio.check_name(t, "target", "--targets" if len(c.targets) > 1 else "--target")
+    if len(set(c.targets)) != len(c.targets):
+        raise UsageError(None, f"a target is named twice: {', '.join(c.targets)}")
+    if c.model == "umx" and len(c.targets) > 1 and not c.joint:
+        raise UsageError(None, "several targets with --model umx need --joint (or one command per target)")
+    if c.model == "umx" and c.model_args:
+        raise UsageError(None, "--model-arg is for --model waveform or MODULE:CLASS; UMX has its own flags")
+    if c.model not in MODELS and ":" not in c.model:
+        raise UsageError(None, f"unknown model {c.model!r}; one of {', '.join(MODELS)} or MODULE:CLASS")
+    if c.nb_channels not in (1, 2):
+        raise UsageError(None, f"--nb-channels {c.nb_channels}: caches are stereo, so 1 (downmix) or 2")
+    unknown = [a for a in c.source_augmentations if a not in AUGMENTATIONS]
+    if unknown:
+        raise UsageError(None, f"unknown augmentation {unknown[0]!r}; known: {', '.join(AUGMENTATIONS)}")
+    if c.loss not in LOSSES["waveform"]:
+        raise UsageError(None, f"unknown loss {c.loss!r}; one of {', '.join(LOSSES['waveform'])}")
+    if c.amp is not None and c.amp not in AMP_DTYPES:
+        raise UsageError(None, f"unknown --amp {c.amp!r}; one of {', '.join(AMP_DTYPES)}")
+    if c.force and c.resume:
+        raise UsageError(None, "--force and --resume exclude each other")
+    for name in ("epochs", "batch_size", "samples_per_track"):
+        if getattr(c, name) < 1:
+            raise UsageError(None, f"--{name.replace('_', '-')} must be at least 1")
+
+
+def _datasets(c: TrainConfig, kind: str, meta: CacheMeta, valid_meta: CacheMeta | None) -> tuple[RandomDataset, IndexDataset | None]:
+    """Training (random excerpts) and validation (consecutive excerpts or whole tracks; None
+    without a validation cache) datasets.
+
+    ``joint=True`` always, so ``y`` has a targets axis whatever the number of targets.
+    """
+    output = "magnitude" if kind == "spectrogram" else "waveform"
+    gain = (0.25, 1.25) if "gain" in c.source_augmentations else None
+    _check_lengths(meta, meta.tracks, c.seq_dur, kind, "--seq-dur")
+    train_ds = RandomDataset(meta, list(c.targets), seq_dur=c.seq_dur, samples_per_track=c.samples_per_track,
+                             random_track_mix=c.random_track_mix, gain=gain, channel_swap="channelswap" in c.source_augmentations,
+                             seed=c.seed, output=output, joint=True)
+    if valid_meta is None:
+        return train_ds, None
+    mixed = [t for t in valid_meta.tracks if MIXTURE in t.roles]
+    if not mixed:
+        raise UsageError(valid_meta.path, "no track with a mixture to validate on (a source-folder cache); build the validation cache "
+                                          "from track folders")
+    if c.valid_seq_dur is not None:
+        _check_lengths(valid_meta, mixed, c.valid_seq_dur, kind, "--valid-seq-dur")
+    valid_ds = IndexDataset(valid_meta, list(c.targets), seq_dur=c.valid_seq_dur, output=output, joint=True)
+    return train_ds, valid_ds
+
+
+def _excerpt_fits(meta: CacheMeta, track, seq_dur: float, kind: str) -> bool:
+    """Whether ``track`` holds one excerpt of ``seq_dur`` seconds, as the loaders count it
+    (whole STFT frames; waveform models also whole samples)."""
+    s = meta.settings
+    samples = int(seq_dur * s.sample_rate)
+    return track.nb_frames >= s.nb_frames(samples) and (kind == "spectrogram" or track.nb_samples >= samples)
+
+
+def _check_lengths(meta: CacheMeta, tracks, seq_dur: float, kind: str, flag: str) -> None:
+    """Refuse excerpts longer than every track, naming the flag, the longest track and its length."""
+    if not tracks:
+        return  # the datasets say what is missing
+    longest = max(tracks, key=lambda t: t.nb_samples)
+    if not _excerpt_fits(meta, longest, seq_dur, kind):
+        seconds = longest.nb_samples / meta.settings.sample_rate
+        raise UsageError(meta.path, f"every track is shorter than {flag} {seq_dur:g} s (the longest, {longest.name!r}, is "
+                                    f"{seconds:.2f} s); lower {flag}")
+
+
+def short_tracks(meta: CacheMeta, seq_dur: float, kind: str) -> list:
+    """The tracks the training sampler never draws (shorter than one excerpt)."""
+    return [t for t in meta.tracks if not _excerpt_fits(meta, t, seq_dur, kind)]
+
+
+def _run_files(c: TrainConfig) -> RunFiles:
+    if c.model == "umx" and not c.joint:
+        return RunFiles(Path(c.output), c.targets[0])
+    return RunFiles(Path(c.output), MODEL_RUN, exports=tuple(c.targets) if c.joint else ())
