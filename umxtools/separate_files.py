@@ -210,8 +210,14 @@ def separate_file(separator, item: InputItem, out: Path, excerpt: Excerpt, optio
             final = fileio.safe_child(out, item.name, "output name", item.path)
             with fileio.exclusive(final):  # one writer per track: a requeued task never races its predecessor
                 remove_stale(final)  # what killed writers of this track left: nobody else holds the lock
-                result.output, result.clipped, result.audio_seconds, result.skipped = _separate(
-                    separator, item, final, excerpt, options, record, progress)
+                try:
+                    result.output, result.clipped, result.audio_seconds, result.skipped = _separate(
+                        separator, item, final, excerpt, options, record, progress)
+                except BaseException:
+                    # a signal can land between the partial folder's creation and the code that
+                    # guards it (the SIGTERM test of tests/test_separate_requeue.py hit that window once)
+                    fileio.remove_leftovers(final, ".partial")
+                    raise
         except UmxError as exc:
             result.error = exc
     # a failed input reports its error alone
