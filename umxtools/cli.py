@@ -406,6 +406,16 @@ def _waveform_losses() -> list[str]:
     return list(LOSSES["waveform"])
 
 
+def _train_loss(ctx, param, value: str) -> str:
+    from umxtools.losses import loss_terms  # torch-free
+
+    try:
+        loss_terms(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def _key_values(items: tuple[str, ...], flag: str) -> dict:
     """``KEY=VALUE`` flags; VALUE parsed as JSON when it parses (``4`` -> 4), else kept as text."""
     parsed = {}
@@ -454,7 +464,8 @@ def _key_values(items: tuple[str, ...], flag: str) -> dict:
 @click.option("--patience", type=click.IntRange(min=0), default=140, show_default=True, help="Early-stopping patience (epochs).")
 @click.option("--epochs", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
-@click.option("--loss", type=click.Choice(_waveform_losses()), default="l1", show_default=True, help="Waveform models' loss.")
+@click.option("--loss", default="l1", show_default=True, callback=_train_loss,
+              help=f"Waveform models' loss: one of {', '.join(_waveform_losses())} or a '+'-joined sum (l1+mrstft).")
 @click.option("--nb-workers", type=click.IntRange(min=0), default=0, show_default=True, help="Loader worker processes.")
 # the precision list mirrors umxtools.training.AMP_DTYPES, written out so that `umxtools --help`
 # does not import torch; the library checks it (and the device) again

@@ -22,7 +22,7 @@ from umxtools import distributed, fileio
 from umxtools.cache import MIXTURE, CacheMeta, open_cache
 from umxtools.errors import CacheError, OutputError, UmxError, UsageError
 from umxtools.loaders import IndexDataset, RandomDataset
-from umxtools.losses import LOSSES, loss_name
+from umxtools.losses import loss_name, loss_terms
 from umxtools.model_folder import MODEL_RUN, ModelSpec, Resumed, RunFiles, RunInfo, cache_identity
 from umxtools.models import JOINT, MODELS, ModelError, OpenUnmix, OpenUnmixJoint, load_class, spec_of
 from umxtools.transforms import bandwidth_to_max_bin
@@ -64,7 +64,7 @@ class TrainConfig:
     patience: int = 140
     epochs: int = 1000
     seed: int = 42
-    loss: str = "l1"  # waveform models only
+    loss: str = "l1"  # waveform models only: a term of losses.LOSSES["waveform"] or a "+"-joined sum
     nb_workers: int = 0
     device: str = "auto"
     amp: str | None = None
@@ -215,8 +215,10 @@ def _check_flags(c: TrainConfig) -> None:
     unknown = [a for a in c.source_augmentations if a not in AUGMENTATIONS]
     if unknown:
         raise UsageError(None, f"unknown augmentation {unknown[0]!r}; known: {', '.join(AUGMENTATIONS)}")
-    if c.loss not in LOSSES["waveform"]:
-        raise UsageError(None, f"unknown loss {c.loss!r}; one of {', '.join(LOSSES['waveform'])}")
+    try:
+        loss_terms(c.loss)
+    except ValueError as exc:
+        raise UsageError(None, f"--loss {c.loss}: {exc}") from None
     if c.amp is not None and c.amp not in AMP_DTYPES:
         raise UsageError(None, f"unknown --amp {c.amp!r}; one of {', '.join(AMP_DTYPES)}")
     if c.force and c.resume:

@@ -13,10 +13,10 @@ without validation"). The model is one of:
   mixture statistics, loss = MSE between estimated and true target magnitudes;
 - ``umx`` with ``joint``: :class:`umxtools.models.OpenUnmixJoint`, one UMX per target, loss =
   the sum over targets of the per-target MSE (open-unmix's "Jointly train targets" guide);
-- ``waveform``: :class:`umxtools.models.Demucs` (Demucs v2), trained on waveforms with an L1
-  or SDR loss summed over targets;
+- ``waveform``: :class:`umxtools.models.Demucs` (Demucs v2), trained on waveforms with
+  ``--loss`` (L1, MSE, SDR, multi-resolution STFT or a sum of them) summed over targets;
 - ``MODULE:CLASS``: a user's model following examples/template_model.py, spectrogram (MSE on
-  magnitudes) or waveform (L1/SDR) according to its ``kind`` attribute.
+  magnitudes) or waveform (``--loss``) according to its ``kind`` attribute.
 
 Everything is checked before anything is written (caches, targets, STFT settings, the model, the
 output folder, the checkpoint to resume), so bad input leaves no files. Rank 0 then holds an
@@ -51,7 +51,7 @@ from umxtools.cache import check_cache
 from umxtools.checkpoints import plan_output, remove_stale_tmp, resume_from, rng_state, set_rng_state
 from umxtools.curves import write_curves
 from umxtools.errors import CacheError, CheckpointError, TrainingError, UmxError, UsageError
-from umxtools.losses import LOSS_FUNCTIONS, EarlyStopping
+from umxtools.losses import EarlyStopping, loss_function
 from umxtools.model_folder import (
     Progress,
     RunFiles,
@@ -212,7 +212,7 @@ class _Trainer:
                                                                     patience=c.lr_decay_patience, cooldown=10)
         self.es = EarlyStopping(c.patience)
         self.scaler = torch.amp.GradScaler("cuda", enabled=c.amp == "fp16")
-        self.loss_fn = LOSS_FUNCTIONS[plan.info.loss]
+        self.loss_fn = loss_function(plan.info.loss)
         self.train_loader = CacheLoader(plan.train_set, batch_size=c.batch_size, shuffle=True, num_workers=c.nb_workers,
                                         seed=c.seed, rank=ctx.rank, world_size=ctx.world_size)
         self.validates = plan.valid_set is not None
