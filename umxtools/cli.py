@@ -406,6 +406,18 @@ def _waveform_losses() -> list[str]:
     return list(LOSSES["waveform"])
 
 
+def _train_loss(ctx, param, value: str | None) -> str | None:
+    from umxtools.losses import loss_terms  # torch-free
+
+    if value is None:
+        return None
+    try:
+        loss_terms(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def _key_values(items: tuple[str, ...], flag: str) -> dict:
     """``KEY=VALUE`` flags; VALUE parsed as JSON when it parses (``4`` -> 4), else kept as text."""
     parsed = {}
@@ -454,7 +466,22 @@ def _key_values(items: tuple[str, ...], flag: str) -> dict:
 @click.option("--patience", type=click.IntRange(min=0), default=140, show_default=True, help="Early-stopping patience (epochs).")
 @click.option("--epochs", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
-@click.option("--loss", type=click.Choice(_waveform_losses()), default="l1", show_default=True, help="Waveform models' loss.")
+# the recipe flags default to None: the model family's (train_setup.RECIPES, docs/train.md); the
+# choices mirror train_setup.OPTIMIZERS and LR_SCHEDULES (checked there again), as --amp's do
+@click.option("--loss", default=None, callback=_train_loss,
+              help=f"Waveform models' loss: one of {', '.join(_waveform_losses())} or a '+'-joined sum (l1+mrstft) "
+                   "[default: the family's: l1; roformers l1+mrstft].")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default=None,
+              help="[default: the family's: adam (umx, waveform, custom); adamw (roformers, htdemucs)].")
+@click.option("--lr-schedule", type=click.Choice(["plateau", "cosine"]), default=None,
+              help="plateau: open-unmix's per-epoch decay; cosine: per step to 0 at --epochs [default: the family's: "
+                   "plateau (umx, waveform, custom); cosine (roformers, htdemucs)].")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
+              help="Optimiser steps of linear learning-rate warm-up [default: the family's: 0; roformers 500].")
+@click.option("--clip-grad-norm", type=click.FloatRange(min=0), default=None,
+              help="Clip the gradient norm to this (0: off) [default: the family's: 0; roformers 1].")
+@click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batches whose gradients make one optimiser step.")
 @click.option("--nb-workers", type=click.IntRange(min=0), default=0, show_default=True, help="Loader worker processes.")
 # the precision list mirrors umxtools.training.AMP_DTYPES, written out so that `umxtools --help`
 # does not import torch; the library checks it (and the device) again

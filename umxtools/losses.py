@@ -2,8 +2,9 @@
 
 Every loss returns one value per target, ``(targets,)``: training sums them (the joint loss of
 open-unmix's "Jointly train targets" guide) and records each in the history. Spectrogram models
-train on open-unmix's MSE of magnitudes; waveform models on Demucs v2's L1 or a thresholded SDR
-(``--loss``). This module imports no torch, so ``umxtools --help`` can read :data:`LOSSES`.
+train on open-unmix's MSE of magnitudes; waveform models on a ``+``-joined sum of named terms
+(``--loss l1+mrstft``): Demucs v2's L1, the MSE, a thresholded SDR and a multi-resolution STFT loss.
+This module imports no torch at import time, so ``umxtools --help`` can read :data:`LOSSES`.
 """
 
 from __future__ import annotations
@@ -14,23 +15,32 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-# the losses of each kind, the first the default: open-unmix's MSE on magnitudes; L1 (Demucs'
-# loss) or SDR on waveforms. The keys are the model kinds (umxtools.models.KINDS)
-LOSSES: dict[str, tuple[str, ...]] = {"spectrogram": ("mse",), "waveform": ("l1", "sdr")}
+# the loss terms of each kind, the first the default: open-unmix's MSE on magnitudes; on
+# waveforms any "+"-joined sum of these terms. The keys are the model kinds (umxtools.models.KINDS)
+LOSSES: dict[str, tuple[str, ...]] = {"spectrogram": ("mse",), "waveform": ("l1", "sdr", "mse", "mrstft")}
 # SDR loss: signal and distortion energies both floored at SDR_TAU * |mixture|^2 (30 dB below the
 # mixture; the soft threshold of Wisdom et al.'s thresholded SNR, "Unsupervised sound separation
 # using mixture invariant training", 2020), so silent targets and near-perfect estimates neither
 # dominate the loss nor give unbounded gradients
 SDR_TAU = 1e-3
 SDR_EPS = 1e-8
+# multi-resolution STFT loss: FFT sizes (Hann windows of the same length, hop a quarter of it)
+# and the floor of the power spectrum (auraloss' eps: magnitudes are at least 1e-4)
+MRSTFT_SIZES = (4096, 2048, 1024, 512, 256)
+MRSTFT_EPS = 1e-8
+
+
+def _but_targets(x: torch.Tensor) -> list[int]:
+    return [d for d in range(x.dim()) if d != 1]
 
 
 def mse_loss(estimate: torch.Tensor, target: torch.Tensor, mix: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-target MSE of magnitudes, ``(targets,)``: open-unmix's ``mse_loss(Y_hat, Y)`` for each.
+    """Per-target MSE, ``(targets,)``: open-unmix's ``mse_loss(Y_hat, Y)`` for each.
 
-    ``estimate``, ``target``: ``(batch, targets, channels, bins, frames)``.
+    ``estimate``, ``target``: magnitudes ``(batch, targets, channels, bins, frames)`` or waveforms
+    ``(batch, targets, channels, samples)``.
     """
-    return ((estimate - target) ** 2).mean(dim=(0, 2, 3, 4))
+    return ((estimate - target) ** 2).mean(dim=_but_targets(estimate))
 
 
 def l1_loss(estimate: torch.Tensor, target: torch.Tensor, mix: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,15 +64,80 @@ def sdr_loss(estimate: torch.Tensor, target: torch.Tensor, mix: torch.Tensor) ->
     return -sdr.mean(dim=(0, 2))
 
 
-LOSS_FUNCTIONS = {"mse": mse_loss, "l1": l1_loss, "sdr": sdr_loss}
+def mrstft_loss(estimate: torch.Tensor, target: torch.Tensor, mix: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-target multi-resolution STFT loss of waveforms ``(batch, targets, channels, samples)``,
+    ``(targets,)``.
+
+    The loss of Yamamoto et al., "Parallel WaveGAN", ICASSP 2020 (eq. 4-6), as auraloss's
+    ``MultiResolutionSTFTLoss`` computes it: for each FFT size ``n`` of :data:`MRSTFT_SIZES`
+    (Hann window of length ``n``, hop ``n // 4``, centred with reflection padding), with
+    ``|S|`` = ``sqrt(max(|STFT|^2, 1e-8))`` of the target and ``|S^|`` of the estimate over all
+    of a target's excerpts and channels,
+
+    ``L_n = || |S| - |S^| ||_F / || |S| ||_F + mean(| ln|S| - ln|S^| |)``
+
+    (spectral convergence plus log-magnitude L1), and the loss is the mean of ``L_n`` over the
+    sizes. Sizes whose half exceeds the excerpt (reflection padding needs fewer samples than the
+    excerpt) are left out. For ``estimate = a * target`` (no bin under the floor) it is
+    ``|1 - a| + |ln a|``.
+    """
+    import torch
+
+    nb_samples = estimate.shape[-1]
+    sizes = [n for n in MRSTFT_SIZES if n // 2 < nb_samples]
+    assert sizes, f"excerpts of {nb_samples} samples are too short for the multi-resolution STFT loss"
+    k = estimate.shape[1]
+    est = estimate.transpose(0, 1).reshape(-1, nb_samples)  # (targets * batch * channels, samples)
+    ref = target.transpose(0, 1).reshape(-1, nb_samples)
+    total = estimate.new_zeros(k)
+    for n in sizes:
+        window = torch.hann_window(n, device=estimate.device, dtype=estimate.dtype)
+
+        def magnitude(x: torch.Tensor) -> torch.Tensor:
+            spec = torch.stft(x, n, hop_length=n // 4, window=window, center=True, pad_mode="reflect", return_complex=True)
+            return (spec.real ** 2 + spec.imag ** 2).clamp(min=MRSTFT_EPS).sqrt().reshape(k, -1)  # (targets, everything)
+
+        m_est, m_ref = magnitude(est), magnitude(ref)
+        convergence = (m_ref - m_est).norm(dim=1) / m_ref.norm(dim=1)
+        log_l1 = (m_ref.log() - m_est.log()).abs().mean(dim=1)
+        total = total + convergence + log_l1
+    return total / len(sizes)
+
+
+LOSS_FUNCTIONS = {"mse": mse_loss, "l1": l1_loss, "sdr": sdr_loss, "mrstft": mrstft_loss}
+
+
+def loss_terms(name: str) -> tuple[str, ...]:
+    """The terms of a ``+``-joined loss name (``"l1+mrstft"``); :class:`ValueError` naming an
+    unknown or repeated term."""
+    terms = tuple(t.strip() for t in name.split("+"))
+    for t in terms:
+        if t not in LOSSES["waveform"]:
+            raise ValueError(f"unknown loss {t!r}; one of {', '.join(LOSSES['waveform'])}, or a sum of them such as l1+mrstft")
+    if len(set(terms)) != len(terms):
+        raise ValueError(f"loss {name!r} names a term twice")
+    return terms
+
+
+def loss_function(name: str):
+    """The per-target loss ``(estimate, target, mix) -> (targets,)`` of a loss name: one term of
+    :data:`LOSS_FUNCTIONS`, or the sum of the terms of a ``+``-joined name."""
+    fns = [LOSS_FUNCTIONS[t] for t in loss_terms(name)]
+    if len(fns) == 1:
+        return fns[0]
+
+    def total(estimate, target, mix):
+        return sum(fn(estimate, target, mix) for fn in fns)
+    return total
 
 
 def loss_name(kind: str, requested: str) -> str:
     """The loss a model of ``kind`` trains with: the kind's only one (spectrogram models always
-    train on the MSE, as open-unmix, whatever ``--loss`` says), else ``requested``."""
+    train on the MSE, as open-unmix, whatever ``--loss`` says), else ``requested`` (its terms
+    checked by :func:`loss_terms`)."""
     if len(LOSSES[kind]) == 1:
         return LOSSES[kind][0]
-    assert requested in LOSSES[kind], requested  # --loss is checked against LOSSES["waveform"]
+    loss_terms(requested)
     return requested
 
 

@@ -47,7 +47,8 @@ SEPARATOR_JSON = "separator.json"
 HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "best", "lr", "seconds", "samples", "samples_per_s", "data_wait")
 # the flags a resumed run must share with its checkpoint (TrainConfig.args() names)
 IDENTITY_FLAGS = ("targets", "nb_channels", "seq_dur", "valid_seq_dur", "samples_per_track", "source_augmentations",
-                  "random_track_mix", "batch_size", "lr", "weight_decay", "lr_decay_patience", "lr_decay_gamma", "patience", "seed")
+                  "random_track_mix", "batch_size", "lr", "weight_decay", "lr_decay_patience", "lr_decay_gamma", "patience", "seed",
+                  "optimizer", "lr_schedule", "warmup_steps", "clip_grad_norm", "accumulate")
 
 
 # --- names -----------------------------------------------------------------------------------
@@ -404,7 +405,7 @@ def target_nfft(folder: Path, target: str) -> int | None:
 
 
 def checkpoint(info: RunInfo, progress: Progress, *, state_dict: dict, optimizer: dict, scheduler: dict, scaler: dict,
-               early_stopping: dict, world_size: int, rng: dict) -> dict:
+               early_stopping: dict, world_size: int, rng: dict, optimizer_steps: int) -> dict:
     """The ``<run>.chkpnt`` payload (docs/model-format.md), in types ``weights_only`` loading accepts."""
     return {
         "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "umxtools_version": __version__,
@@ -415,7 +416,7 @@ def checkpoint(info: RunInfo, progress: Progress, *, state_dict: dict, optimizer
         "stopped_early": progress.stopped_early, "scaler": scaler, "history": progress.history,
         "identity": run_identity(info), "targets": info.targets,
         "model": {"class": info.spec.cls, "args": info.spec.args, "kind": info.spec.kind},
-        "world_size": world_size, "rng": rng,
+        "world_size": world_size, "rng": rng, "optimizer_steps": optimizer_steps,
     }
 
 
@@ -450,6 +451,7 @@ class Resumed:
     scaler: dict
     early_stopping: dict
     rng: dict
+    optimizer_steps: int  # optimiser steps taken (the warm-up and cosine schedules' position)
 
 
 def resumed(path: Path, state: dict) -> Resumed:
@@ -466,7 +468,7 @@ def resumed(path: Path, state: dict) -> Resumed:
         key = exc.args[0] if isinstance(exc, KeyError) else "epochs_trained, best_epoch or stopped_early"
         raise CheckpointError(path, f"its {key!r} entry is missing or garbled; pass --force to start over") from exc
     return Resumed(path, progress, state["identity"], state["state_dict"], state["optimizer"], state["scheduler"],
-                   state.get("scaler") or {}, state["early_stopping"], state["rng"])
+                   state.get("scaler") or {}, state["early_stopping"], state["rng"], int(state.get("optimizer_steps", 0)))
 
 
 # --- a run's files, written in order -------------------------------------------------------------

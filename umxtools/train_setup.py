@@ -10,6 +10,7 @@ built (once: the loop trains on these), and what the run's files will record
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import warnings
@@ -22,7 +23,7 @@ from umxtools import distributed, fileio
 from umxtools.cache import MIXTURE, CacheMeta, open_cache
 from umxtools.errors import CacheError, OutputError, UmxError, UsageError
 from umxtools.loaders import IndexDataset, RandomDataset
-from umxtools.losses import LOSSES, loss_name
+from umxtools.losses import loss_name, loss_terms
 from umxtools.model_folder import MODEL_RUN, ModelSpec, Resumed, RunFiles, RunInfo, cache_identity
 from umxtools.models import JOINT, MODELS, ModelError, OpenUnmix, OpenUnmixJoint, load_class, spec_of
 from umxtools.transforms import bandwidth_to_max_bin
@@ -31,6 +32,23 @@ AUGMENTATIONS = ("gain", "channelswap")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
 STATS_ARGS = ("input_mean", "input_scale")
+OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("plateau", "cosine")
+# each family's training recipe: what a flag left out (None in TrainConfig) becomes. umx and
+# waveform keep open-unmix's recipe exactly (Adam, ReduceLROnPlateau per epoch, no clipping);
+# the transformers and HTDemucs get AdamW and a per-step cosine decay (Loshchilov & Hutter,
+# "Decoupled weight decay regularization" and "SGDR", ICLR 2019/2017), the roformers with a
+# linear warm-up and clipping as transformers usually need (a common choice, not measured
+# here); HTDemucs without either, as demucs's own recipe (clip_grad 0). The roformers' loss is
+# the nearest to MSST's (L1 plus multi-resolution STFT). A MODULE:CLASS model gets "custom".
+RECIPE_KEYS = ("loss", "optimizer", "lr_schedule", "warmup_steps", "clip_grad_norm")
+_OPEN_UNMIX = {"loss": "l1", "optimizer": "adam", "lr_schedule": "plateau", "warmup_steps": 0, "clip_grad_norm": 0.0}
+_ROFORMER = {"loss": "l1+mrstft", "optimizer": "adamw", "lr_schedule": "cosine", "warmup_steps": 500, "clip_grad_norm": 1.0}
+RECIPES: dict[str, dict] = {
+    "umx": _OPEN_UNMIX, "waveform": _OPEN_UNMIX, "custom": _OPEN_UNMIX,
+    "bsroformer": _ROFORMER, "melroformer": _ROFORMER,
+    "htdemucs": {"loss": "l1", "optimizer": "adamw", "lr_schedule": "cosine", "warmup_steps": 0, "clip_grad_norm": 0.0},
+}
 
 
 @dataclass
@@ -64,7 +82,13 @@ class TrainConfig:
     patience: int = 140
     epochs: int = 1000
     seed: int = 42
-    loss: str = "l1"  # waveform models only
+    # None: the family's (RECIPES, filled in by with_recipe)
+    loss: str | None = None  # waveform models only: a term of losses.LOSSES["waveform"] or a "+"-joined sum
+    optimizer: str | None = None  # OPTIMIZERS
+    lr_schedule: str | None = None  # LR_SCHEDULES
+    warmup_steps: int | None = None  # optimiser steps of linear warm-up
+    clip_grad_norm: float | None = None  # 0: no clipping
+    accumulate: int = 1  # batches per optimiser step
     nb_workers: int = 0
     device: str = "auto"
     amp: str | None = None
@@ -122,7 +146,8 @@ def pick_device(name: str, ctx: distributed.Context | None = None) -> torch.devi
 def prepare(config: TrainConfig) -> Plan:
     """Check the caches, targets, settings and model; build the model and the datasets. Reads no
     output file: :func:`umxtools.training.plan_output_of` decides, under the run's lock, what the
-    output folder's files mean."""
+    output folder's files mean. The plan's config has the family's recipe filled in."""
+    config = with_recipe(config)
     _check_flags(config)
     for path in (config.cache, config.valid):
         if path is not None and Path(config.output).resolve() == Path(path).resolve():
@@ -151,6 +176,13 @@ def prepare(config: TrainConfig) -> Plan:
     info = RunInfo(files, spec, config.args(), config.command, s.sample_rate, s.n_fft, s.n_hop, config.nb_channels,
                    loss_name(spec.kind, config.loss), cache_identity(meta), cache_identity(valid_meta))
     return Plan(config, meta, valid_meta, model, info, train_set, valid_set)
+
+
+def with_recipe(config: TrainConfig) -> TrainConfig:
+    """``config`` with every recipe flag left out (None) set to the model family's
+    (:data:`RECIPES`; a ``MODULE:CLASS`` model is ``custom``)."""
+    recipe = RECIPES[config.model if config.model in RECIPES else "custom"]
+    return dataclasses.replace(config, **{k: recipe[k] for k in RECIPE_KEYS if getattr(config, k) is None})
 
 
 def build_model(config: TrainConfig, meta: CacheMeta) -> tuple[torch.nn.Module, ModelSpec]:
@@ -215,8 +247,17 @@ def _check_flags(c: TrainConfig) -> None:
     unknown = [a for a in c.source_augmentations if a not in AUGMENTATIONS]
     if unknown:
         raise UsageError(None, f"unknown augmentation {unknown[0]!r}; known: {', '.join(AUGMENTATIONS)}")
-    if c.loss not in LOSSES["waveform"]:
-        raise UsageError(None, f"unknown loss {c.loss!r}; one of {', '.join(LOSSES['waveform'])}")
+    try:
+        loss_terms(c.loss)
+    except ValueError as exc:
+        raise UsageError(None, f"--loss {c.loss}: {exc}") from None
+    for flag, value, known in (("--optimizer", c.optimizer, OPTIMIZERS), ("--lr-schedule", c.lr_schedule, LR_SCHEDULES)):
+        if value not in known:
+            raise UsageError(None, f"unknown {flag} {value!r}; one of {', '.join(known)}")
+    if c.warmup_steps < 0 or c.clip_grad_norm < 0:
+        raise UsageError(None, "--warmup-steps and --clip-grad-norm must be at least 0")
+    if c.accumulate < 1:
+        raise UsageError(None, "--accumulate must be at least 1")
     if c.amp is not None and c.amp not in AMP_DTYPES:
         raise UsageError(None, f"unknown --amp {c.amp!r}; one of {', '.join(AMP_DTYPES)}")
     if c.force and c.resume:

@@ -13,10 +13,10 @@ without validation"). The model is one of:
   mixture statistics, loss = MSE between estimated and true target magnitudes;
 - ``umx`` with ``joint``: :class:`umxtools.models.OpenUnmixJoint`, one UMX per target, loss =
   the sum over targets of the per-target MSE (open-unmix's "Jointly train targets" guide);
-- ``waveform``: :class:`umxtools.models.Demucs` (Demucs v2), trained on waveforms with an L1
-  or SDR loss summed over targets;
+- ``waveform``: :class:`umxtools.models.Demucs` (Demucs v2), trained on waveforms with
+  ``--loss`` (L1, MSE, SDR, multi-resolution STFT or a sum of them) summed over targets;
 - ``MODULE:CLASS``: a user's model following examples/template_model.py, spectrogram (MSE on
-  magnitudes) or waveform (L1/SDR) according to its ``kind`` attribute.
+  magnitudes) or waveform (``--loss``) according to its ``kind`` attribute.
 
 Everything is checked before anything is written (caches, targets, STFT settings, the model, the
 output folder, the checkpoint to resume), so bad input leaves no files. Rank 0 then holds an
@@ -51,7 +51,7 @@ from umxtools.cache import check_cache
 from umxtools.checkpoints import plan_output, remove_stale_tmp, resume_from, rng_state, set_rng_state
 from umxtools.curves import write_curves
 from umxtools.errors import CacheError, CheckpointError, TrainingError, UmxError, UsageError
-from umxtools.losses import LOSS_FUNCTIONS, EarlyStopping
+from umxtools.losses import EarlyStopping, loss_function
 from umxtools.model_folder import (
     Progress,
     RunFiles,
@@ -207,12 +207,16 @@ class _Trainer:
         self.net = self.model
         if ctx.distributed:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        optimizer = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        # the plateau decay sets each group's base "lr" (stepped per epoch with --lr-schedule
+        # plateau only); warm-up and cosine scale it for each optimiser step (_lr_factor)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=c.lr_decay_gamma,
                                                                     patience=c.lr_decay_patience, cooldown=10)
+        self.optimizer_steps = 0
         self.es = EarlyStopping(c.patience)
         self.scaler = torch.amp.GradScaler("cuda", enabled=c.amp == "fp16")
-        self.loss_fn = LOSS_FUNCTIONS[plan.info.loss]
+        self.loss_fn = loss_function(plan.info.loss)
         self.train_loader = CacheLoader(plan.train_set, batch_size=c.batch_size, shuffle=True, num_workers=c.nb_workers,
                                         seed=c.seed, rank=ctx.rank, world_size=ctx.world_size)
         self.validates = plan.valid_set is not None
@@ -225,6 +229,7 @@ class _Trainer:
         # every rank must take the same number of optimiser steps (each one all-reduces
         # gradients): the smallest share, ceil(floor(n / world) / batch)
         self.nb_batches = -(-(len(plan.train_set) // ctx.world_size) // c.batch_size)
+        self.total_steps = c.epochs * -(-self.nb_batches // c.accumulate)  # the cosine's length
         self.progress = Progress()
         if plan.resume is not None:
             self._restore()
@@ -239,6 +244,7 @@ class _Trainer:
             if self.scaler.is_enabled() and state.scaler:
                 self.scaler.load_state_dict(state.scaler)
             self.es.load_state_dict(state.early_stopping)
+            self.optimizer_steps = state.optimizer_steps
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise CheckpointError(state.path, f"does not fit the model and optimiser the flags describe ({first}); "
@@ -251,7 +257,8 @@ class _Trainer:
         """This process's state after the last epoch, as ``<run>.chkpnt`` holds it."""
         return checkpoint(self.plan.info, self.progress, state_dict=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                           scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict() if self.scaler.is_enabled() else {},
-                          early_stopping=self.es.state_dict(), world_size=self.ctx.world_size, rng=rng_state())
+                          early_stopping=self.es.state_dict(), world_size=self.ctx.world_size, rng=rng_state(),
+                          optimizer_steps=self.optimizer_steps)
 
     def fit(self) -> None:
         c, ctx = self.config, self.ctx
@@ -288,7 +295,8 @@ class _Trainer:
                 valid_loss, valid_parts = self._valid_epoch()
                 if not math.isfinite(valid_loss):
                     raise _valid_failure(self.plan, epoch, valid_loss, train_loss, self.optimizer.param_groups[0]["lr"])
-                self.scheduler.step(valid_loss)
+                if c.lr_schedule == "plateau":
+                    self.scheduler.step(valid_loss)
                 stop = self.es.step(valid_loss)
                 best = valid_loss == self.es.best  # open-unmix's test
             else:
@@ -297,10 +305,11 @@ class _Trainer:
                 # guards against overfitting, which only a held-out loss shows, so it is off, and
                 # every epoch's weights are kept (best == last)
                 valid_loss, valid_parts = None, [None] * len(self.targets)
-                self.scheduler.step(train_loss)
+                if c.lr_schedule == "plateau":
+                    self.scheduler.step(train_loss)
                 stop, best = False, True
             row = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss, "best": best,
-                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3),
+                   "lr": self.optimizer.param_groups[0]["lr"] * self._lr_factor(self.optimizer_steps - 1), "seconds": round(time.perf_counter() - t0, 3),
                    "samples": samples, "samples_per_s": round(speed, 2), "data_wait": round(wait, 4)}
             if len(self.targets) > 1:
                 for t, tl, vl in zip(self.targets, train_parts, valid_parts):
@@ -351,6 +360,7 @@ class _Trainer:
     def _train_epoch(self, epoch: int) -> tuple[float, list[float], int, float, float]:
         """Mean training loss (weighted by batch size, over all ranks), per-target means, samples
         (all ranks), samples/s, and the share of the step time spent waiting for data."""
+        c = self.config
         self.net.train()
         self.train_loader.sampler.set_epoch(epoch)
         k = len(self.targets)
@@ -363,12 +373,16 @@ class _Trainer:
                 x, y = next(it)
                 t1 = time.perf_counter()
                 x, y = self._prepare_batch(x, y)
+                first = b - b % c.accumulate  # the first batch of this optimiser step's group
+                group = min(c.accumulate, self.nb_batches - first)  # the epoch's last group may be shorter
+                if b == first:
+                    self.optimizer.zero_grad(set_to_none=True)
                 parts = self._forward(self.net, x, y)
                 loss = parts.sum()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+                # the mean gradient of the group's batches (exactly loss's with --accumulate 1)
+                self.scaler.scale(loss / group if group > 1 else loss).backward()
+                if b == first + group - 1:
+                    self._step()
                 n = x.shape[0]
                 # one collective per step: progress shows the global loss, and a NaN on any rank
                 # stops every rank at the same step
@@ -386,6 +400,34 @@ class _Trainer:
         count = total[k]
         parts = [v / count for v in total[:k]]
         return sum(parts), parts, int(count), count / max(elapsed, 1e-9), wait / max(elapsed, 1e-9)
+
+    def _lr_factor(self, step: int) -> float:
+        """The learning rate of optimiser step ``step`` (from 0) over the groups' base rate: a
+        linear warm-up over ``--warmup-steps``, then 1 (plateau) or a cosine from 1 to 0 over
+        all the run's steps (Loshchilov & Hutter's SGDR without restarts)."""
+        c = self.config
+        factor = min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else 1.0
+        if c.lr_schedule == "cosine":
+            factor *= 0.5 * (1 + math.cos(math.pi * min(max(step, 0), self.total_steps) / self.total_steps))
+        return factor
+
+    def _step(self) -> None:
+        """One optimiser step on the accumulated gradients: clipped to ``--clip-grad-norm``, at the
+        learning rate of the schedule; the groups' base rates (the plateau decay's) are kept."""
+        c = self.config
+        if c.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad_norm)
+        factor = self._lr_factor(self.optimizer_steps)
+        base = [g["lr"] for g in self.optimizer.param_groups]
+        if factor != 1.0:
+            for g, lr in zip(self.optimizer.param_groups, base):
+                g["lr"] = lr * factor
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        for g, lr in zip(self.optimizer.param_groups, base):
+            g["lr"] = lr
+        self.optimizer_steps += 1
 
     def _valid_epoch(self) -> tuple[float, list[float]]:
         """Mean validation loss over the validation excerpts (whole tracks by default), all ranks."""
