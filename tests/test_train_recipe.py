@@ -82,3 +82,25 @@ def test_a_resume_with_another_recipe_is_refused(toy_cache, tmp_path, uninterrup
     with pytest.raises(CheckpointError, match="accumulate is 2 there, 1 here"):
         train(TrainConfig(cache=toy_cache, valid=toy_cache, output=uninterrupted, epochs=EPOCHS + 1, resume=True,
                           **{**FLAGS, "accumulate": 1}))
+
+
+def test_a_checkpoint_from_before_the_recipe_flags_resumes_with_their_old_values(toy_cache, tmp_path):
+    """Runs trained before --optimizer, --lr-schedule, --warmup-steps, --clip-grad-norm and
+    --accumulate existed hold none of them in their identity: they were adam, plateau, no warm-up,
+    no clipping, one batch a step, and resume when the flags say so (and only then)."""
+    from umxtools.errors import CheckpointError
+    from umxtools.model_folder import IDENTITY_BEFORE_RECIPE, save_torch
+
+    old = {k: v for k, v in FLAGS.items() if k not in IDENTITY_BEFORE_RECIPE}
+    out = tmp_path / "old"
+    train(TrainConfig(cache=toy_cache, valid=toy_cache, output=out, epochs=1, **old))
+    path = out / "vocals.chkpnt"
+    state = load_checkpoint(path)
+    assert all(state["identity"][k] == v for k, v in IDENTITY_BEFORE_RECIPE.items())
+    for key in IDENTITY_BEFORE_RECIPE:
+        del state["identity"][key]
+    save_torch(path, state)
+    with pytest.raises(CheckpointError, match="optimizer is \"adam\" there, \"adamw\" here"):
+        train(TrainConfig(cache=toy_cache, valid=toy_cache, output=out, epochs=2, resume=True, **{**old, "optimizer": "adamw"}))
+    train(TrainConfig(cache=toy_cache, valid=toy_cache, output=out, epochs=2, resume=True, **old))
+    assert len(_history(out)[1]) == 2

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from umxtools.errors import CheckpointError, OutputError, UsageError
-from umxtools.model_folder import MODEL_RUN, Resumed, RunFiles, load_checkpoint, resumed, run_files_in
+from umxtools.model_folder import IDENTITY_BEFORE_RECIPE, MODEL_RUN, Resumed, RunFiles, load_checkpoint, resumed, run_files_in
 
 
 def plan_output(files: RunFiles, force: bool, resume: bool) -> tuple[bool, list[Path]]:
@@ -73,6 +73,7 @@ def resume_from(files: RunFiles, identity: dict, epochs: int) -> Resumed:
 
 def check_identity(path: Path, have: dict, want: dict) -> None:
     """Refuse to resume a checkpoint whose run differs from the flags (the first difference named)."""
+    have = {**{k: v for k, v in IDENTITY_BEFORE_RECIPE.items() if k not in have}, **have}
     for key in sorted(set(have) | set(want)):
         if have.get(key) != want.get(key):
             raise CheckpointError(path, f"a checkpoint of another run: {key} is {_short(have.get(key))} there, {_short(want.get(key))} "

@@ -49,6 +49,9 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "best", "lr", "seconds",
 IDENTITY_FLAGS = ("targets", "nb_channels", "seq_dur", "valid_seq_dur", "samples_per_track", "source_augmentations",
                   "random_track_mix", "batch_size", "lr", "weight_decay", "lr_decay_patience", "lr_decay_gamma", "patience", "seed",
                   "optimizer", "lr_schedule", "warmup_steps", "clip_grad_norm", "accumulate")
+# the recipe every run had before its flags existed: a checkpoint without these keys was trained
+# so, and resumes when this run asks for the same
+IDENTITY_BEFORE_RECIPE = {"optimizer": "adam", "lr_schedule": "plateau", "warmup_steps": 0, "clip_grad_norm": 0.0, "accumulate": 1}
 
 
 # --- names -----------------------------------------------------------------------------------
