@@ -53,18 +53,21 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from umxtools.errors import ModelError, UsageError
 
+if TYPE_CHECKING:
+    from umxtools.progress import Progress
+
 Model = Callable[[torch.Tensor], torch.Tensor]
-Progress = Callable[[str, int], None]
 OVERLAP = 0.25  # apply_model's default, and demucs's separate command's
 
 
-def _no_progress(event: str, n: int) -> None:
+def _no_progress(event: str, info: dict) -> None:
     pass
 
 
@@ -240,7 +243,7 @@ class DemucsPlan:
                 cut = min(done.shape[-1], max(0, skip - (ola.start - done.shape[-1])))
                 if done.shape[-1] > cut:
                     yield done[..., cut:]
-                progress("advance", 1)
+                progress("advance", {"n": 1})
         self.held.append(held)
 
 
@@ -395,7 +398,7 @@ class MsstPlan:
                 if hi > lo:
                     emitted += hi - lo
                     yield done[..., lo:hi]
-                progress("advance", 1)
+                progress("advance", {"n": 1})
         assert emitted == length, (emitted, length)
 
 

@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -198,10 +198,14 @@ def output_name(path: Path) -> str:
 
 
 def separate_file(separator, item: InputItem, out: Path, excerpt: Excerpt, options: OutputOptions, record: dict,
-                  progress: Callable[[str, int], None] | None = None) -> FileResult:
-    """Separate one input into ``out/<name>/``; problems become ``FileResult.error``."""
+                  progress: Progress | None = None, index: int = 0) -> FileResult:
+    """Separate one input into ``out/<name>/``; problems become ``FileResult.error``.
+
+    ``progress(event, info)``: the separator's ``total`` and ``advance``, ``info["file"]`` = ``index``.
+    """
     t0 = time.perf_counter()
     result = FileResult(str(item.path))
+    tagged = None if progress is None else (lambda event, info: progress(event, {"file": index, **info}))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -212,7 +216,7 @@ def separate_file(separator, item: InputItem, out: Path, excerpt: Excerpt, optio
                 remove_stale(final)  # what killed writers of this track left: nobody else holds the lock
                 try:
                     result.output, result.clipped, result.audio_seconds, result.skipped = _separate(
-                        separator, item, final, excerpt, options, record, progress)
+                        separator, item, final, excerpt, options, record, tagged)
                 except BaseException:
                     # a signal can land between the partial folder's creation and the code that
                     # guards it (the SIGTERM test of tests/test_separate_requeue.py hit that window once)
@@ -392,7 +396,7 @@ def separate_files(
             results = []
             for i, item in enumerate(items):
                 progress("start", {"file": i})
-                results.append(separate_file(separator, item, out, excerpt, options, record, _of_file(progress, i)))
+                results.append(separate_file(separator, item, out, excerpt, options, record, progress, i))
                 progress("done", {"file": i})
             return results
         del separator, model  # each worker loads its own
@@ -402,11 +406,6 @@ def separate_files(
 
 
 _STOP_SIGNALS = interrupts.SIGNALS
-
-
-def _of_file(progress: Progress, index: int):
-    """The separator's ``progress(event, n)`` for file ``index`` as this module's ``(event, info)``."""
-    return lambda event, n: progress(event, {"file": index, "n": n})
 
 
 # --- worker processes ------------------------------------------------------------------------------
@@ -444,7 +443,7 @@ def _worker_run(index: int, item: InputItem, out: Path, excerpt: Excerpt, option
     _WORKER["busy"] = True
     try:
         return separate_file(_WORKER["separator"], item, out, excerpt, options, _WORKER["record"],
-                             _of_file(lambda e, info: events.put((e, info)), index))
+                             lambda e, info: events.put((e, info)), index)
     except Interrupted as exc:
         # the track is dropped and its lock released: this worker ends, the parent stops the rest
         os._exit(128 + exc.signum)
