@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from umxtools import fileio, interrupts, oracle, scores, workers
-from umxtools.errors import DatasetError, LockedError, ScoreError, UmxError, UsageError
+from umxtools.errors import DatasetError, LockedError, ScoreError, UmxError, UsageError, check_choice
 from umxtools.references import VOCALS, References
 # the score-file format lives in umxtools.scores; these names stay importable from here
 from umxtools.scores import SCORE_FORMAT, SCORE_FORMAT_VERSION, read_scores, score_path, to_json  # noqa: F401  (re-exported)
@@ -202,8 +202,7 @@ def evaluate_estimates(
     """
     from umxtools.cache import Shard  # h5py: not needed by the scoring workers
 
-    if backend not in BACKENDS:
-        raise UsageError(None, f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    check_choice(backend, BACKENDS, "backend")
     for name in targets or ():
         fileio.check_name(name, "target")
     shard = shard or Shard()
