@@ -13,9 +13,6 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "umxtools"
-# a cycle through a function-level import left to the models/ and segments work (not issue 15's
-# modules); the test fails once it is gone, so that this list is emptied rather than left to rot
-KNOWN = {("umxtools.models.htdemucs", "umxtools.segments")}
 
 
 def _modules() -> dict[str, Path]:
@@ -70,8 +67,4 @@ def test_no_import_cycle(module_level):
     mods = _modules()
     graph = {name: _imports(path, mods, module_level) - {name} for name, path in mods.items()}
     assert "umxtools.pretrained" in graph["umxtools.models.loading"]  # the walk sees the imports it must see
-    found = _cycles(graph)
-    if module_level:
-        assert found == set()
-    else:
-        assert found == KNOWN, "a new import cycle, or a known one gone (then remove it from KNOWN)"
+    assert _cycles(graph) == set()

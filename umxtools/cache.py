@@ -31,7 +31,7 @@ import numpy as np
 
 from umxtools.audio import _first_line
 from umxtools.datasets import TrackRef, load_track
-from umxtools.errors import CacheError, StaleCacheError, UmxError, UsageError
+from umxtools.errors import CacheError, StaleCacheError, UmxError, UsageError, check_choice
 from umxtools.transforms import STFTSettings
 
 FORMAT = "umxtools.cache"
@@ -58,10 +58,8 @@ class CacheOptions:
     resample: bool = False
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise UsageError(None, f"unknown dtype {self.dtype!r}; one of {', '.join(DTYPES)}")
-        if self.compression not in COMPRESSIONS:
-            raise UsageError(None, f"unknown compression {self.compression!r}; one of {', '.join(COMPRESSIONS)}")
+        check_choice(self.dtype, DTYPES, "dtype")
+        check_choice(self.compression, COMPRESSIONS, "compression")
         if self.chunk_frames < 1:
             raise UsageError(None, "chunk frames must be at least 1")
         if self.settings.center:

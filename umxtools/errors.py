@@ -55,6 +55,13 @@ class UnsafeNameError(UsageError):
     """A name read from a file or a flag (a target, a track, an aggregate) that would leave its folder."""
 
 
+def check_choice(value, choices, what: str) -> None:
+    """Raise :class:`UsageError` ``unknown WHAT 'value'; one of a, b`` unless ``value`` is one of
+    ``choices`` (a registry's keys, listed in their order)."""
+    if value not in choices:
+        raise UsageError(None, f"unknown {what} {value!r}; one of {', '.join(choices)}")
+
+
 class UntrustedCodeError(UmxError):
     """A model folder or file that would run Python code, without ``--trust-code``."""
 

@@ -39,7 +39,7 @@ import torch
 import torch.utils.data
 
 from umxtools.cache import MIXTURE, CacheMeta, open_cache
-from umxtools.errors import CacheError, UsageError
+from umxtools.errors import CacheError, UsageError, check_choice
 from umxtools.transforms import STFTSettings
 
 # datasets kept open per process: each holds HDF5's chunk cache (up to 64 MiB decoded chunks of a
@@ -104,8 +104,7 @@ class _CacheDataset(torch.utils.data.Dataset):
         allow_stale: bool = False,
     ):
         self.meta = cache if isinstance(cache, CacheMeta) else open_cache(cache, expect=expect, check_stale=not allow_stale)
-        if output not in OUTPUTS:
-            raise UsageError(None, f"unknown output {output!r}; one of {', '.join(OUTPUTS)}")
+        check_choice(output, OUTPUTS, "output")
         if output == "waveform" and not self.meta.attrs.get("waveforms"):
             raise CacheError(self.meta.path, "holds no waveforms (built with --no-waveforms); time-domain models need them")
         self.target_names = [targets] if isinstance(targets, str) else list(targets)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from umxtools import __version__, audio, fileio
-from umxtools.errors import DatasetError, LockedError, OutputError, UmxError, UsageError
+from umxtools.errors import DatasetError, LockedError, OutputError, UmxError, UsageError, check_choice
 from umxtools.references import ACCOMPANIMENT, VOCALS, References
 
 if TYPE_CHECKING:
@@ -155,8 +155,7 @@ def oracle_estimates(method: str, mixture: np.ndarray, sources: dict[str, np.nda
 
     ``mixture`` and each source: ``(nb_channels, nb_samples)``; so is every estimate.
     """
-    if method not in METHODS:
-        raise UsageError(None, f"unknown oracle method {method!r}; one of {', '.join(METHODS)}")
+    check_choice(method, METHODS, "oracle method")
     estimates = METHODS[method](mixture, sources)
     others = [n for n in sources if n != VOCALS]
     if VOCALS in sources and others:
@@ -211,8 +210,7 @@ def write_oracle(
     """
     from umxtools.cache import Shard  # h5py: only when estimates are written
 
-    if method not in METHODS:
-        raise UsageError(None, f"unknown oracle method {method!r}; one of {', '.join(METHODS)}")
+    check_choice(method, METHODS, "oracle method")
     for target in targets or ():
         fileio.check_name(target, "target")
     shard = shard or Shard()

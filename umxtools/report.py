@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from umxtools import fileio
-from umxtools.errors import DatasetError, ScoreError, UsageError
+from umxtools.errors import DatasetError, ScoreError, UsageError, check_choice
 from umxtools.evaluation import METRICS, USDR, canonical_order, read_scores
 
 # name -> (over frames, over tracks)
@@ -151,8 +151,7 @@ def per_track(method: MethodScores, target: str, metric: str, frames_agg: str) -
 
 def aggregate(methods: list[MethodScores], agg: str = "median") -> Report:
     """The table: one row per method and target, one column per metric."""
-    if agg not in AGGREGATIONS:
-        raise UsageError(None, f"unknown aggregation {agg!r}; one of {', '.join(AGGREGATIONS)}")
+    check_choice(agg, AGGREGATIONS, "aggregation")
     frames_agg, tracks_agg = AGGREGATIONS[agg]
     rows = []
     for method in methods:
@@ -269,8 +268,7 @@ def make_report(specs: list[str], output: str | Path, agg: str = "median", plots
     Returns the :class:`Report`, its ``files`` the paths written. ``output`` is checked (not a
     scores folder, not around one; new, empty or a report folder) before anything is written.
     """
-    if agg not in AGGREGATIONS:
-        raise UsageError(None, f"unknown aggregation {agg!r}; one of {', '.join(AGGREGATIONS)}")
+    check_choice(agg, AGGREGATIONS, "aggregation")
     output = Path(output)
     parsed = [parse_method_spec(spec) for spec in specs]
     fileio.check_disjoint(output, [path for _, path in parsed], "scores folder")

@@ -52,15 +52,22 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from umxtools.errors import ModelError, UsageError
+
+if TYPE_CHECKING:
+    from umxtools.progress import Progress
+
 Model = Callable[[torch.Tensor], torch.Tensor]
-Progress = Callable[[str, int], None]
+OVERLAP = 0.25  # apply_model's default, and demucs's separate command's
 
 
-def _no_progress(event: str, n: int) -> None:
+def _no_progress(event: str, info: dict) -> None:
     pass
 
 
@@ -236,7 +243,7 @@ class DemucsPlan:
                 cut = min(done.shape[-1], max(0, skip - (ola.start - done.shape[-1])))
                 if done.shape[-1] > cut:
                     yield done[..., cut:]
-                progress("advance", 1)
+                progress("advance", {"n": 1})
         self.held.append(held)
 
 
@@ -264,6 +271,38 @@ def _aligned(streams: list[Iterator[torch.Tensor]]) -> Iterator[list[torch.Tenso
             else:
                 p.pop(0)
         yield out
+
+
+def as_fraction(segment) -> Fraction:
+    """Seconds as an exact fraction: ``7.8`` and ``"39/5"`` both give ``Fraction(39, 5)`` (demucs's type)."""
+    try:
+        value = Fraction(str(segment))
+    except (ValueError, ZeroDivisionError) as exc:
+        raise ModelError("segment", f"{segment!r} is not a number of seconds") from exc
+    if value <= 0:
+        raise ModelError("segment", f"must be positive, got {segment!r}")
+    return value
+
+
+def demucs_plan(module, segment: float | None = None, overlap: float = OVERLAP, shifts: int = 0,
+                batch_size: int = 1, seed: int = 0, shift_offsets: list[list[int]] | None = None, model_call=None):
+    """The :class:`DemucsPlan` that runs ``module`` (an :class:`umxtools.models.htdemucs.HTDemucs` or
+    ``HTDemucsBag``: anything with ``members()``, ``targets``, ``sample_rate``) as ``apply_model`` would.
+
+    ``segment`` (seconds) replaces each member's own, and may not exceed it (a transformer only
+    sees positions it was trained on; demucs refuses it too). ``model_call(member)`` wraps each
+    member's callable (the separator's shape checks); by default members are called directly.
+    """
+    members = []
+    for model, weights in module.members():
+        if segment is not None and as_fraction(segment) > Fraction(model.segment):
+            raise ModelError("htdemucs", f"segment {segment} s is longer than the {float(model.segment):g} s this model was "
+                                         "trained on; give a shorter one or none")
+        length = int(model.samplerate * segment) if segment is not None else int(model.samplerate * model.segment)
+        call = model_call(model) if model_call is not None else model
+        members.append(DemucsMember(call, length, weights))
+    return DemucsPlan(members, nb_sources=len(module.targets), max_shift=int(0.5 * module.sample_rate), overlap=overlap,
+                      shifts=shifts, batch_size=batch_size, seed=seed, shift_offsets=shift_offsets)
 
 
 def draw_shift_offsets(nb_members: int, shifts: int, max_shift: int, seed: int) -> list[list[int]]:
@@ -359,7 +398,7 @@ class MsstPlan:
                 if hi > lo:
                     emitted += hi - lo
                     yield done[..., lo:hi]
-                progress("advance", 1)
+                progress("advance", {"n": 1})
         assert emitted == length, (emitted, length)
 
 
@@ -381,9 +420,6 @@ def plan_for(model, settings, call: Callable[[Model], Model] = lambda m: m) -> D
     ``seed`` are demucs's; ``num_overlap`` MSST's; ``batch_size`` both. ``call(model)`` wraps
     each model callable (shape checks, mono input).
     """
-    from umxtools.errors import UsageError
-    from umxtools.models import ModelError
-
     spec = model.segmenting or (getattr(model.module, "segmenting", None) if model.module is not None else None)
     if not spec:
         return None
@@ -391,8 +427,6 @@ def plan_for(model, settings, call: Callable[[Model], Model] = lambda m: m) -> D
     rule = spec.get("rule") if isinstance(spec, dict) else None
     try:
         if rule == "demucs":
-            from umxtools.models.htdemucs import demucs_plan
-
             if not callable(getattr(model.module, "members", None)):
                 raise ModelError(where, f"segmenting rule 'demucs' needs an HTDemucs model, not {type(model.module).__name__}")
             return demucs_plan(model.module, segment=settings.segment, overlap=settings.overlap, shifts=settings.shifts,

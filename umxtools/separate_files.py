@@ -25,10 +25,7 @@ Reruns continue (a requeued or preempted Slurm task is the same command run agai
   :class:`umxtools.interrupts.Interrupted` propagates; finished tracks stay. Unlike the workers of
   ``eval`` and ``oracle``, separation workers write files, so they catch SIGTERM and SIGINT too.
 
-Output names: ``OUT/<input stem>/``; a file called ``mixture.*`` (MUSDB18-HQ's layout) is named
-after its folder and a ``.stem.mp4`` after its name without ``.stem``, so separating a MUSDB18
-split gives ``OUT/<track>/<target>.wav``, the layout ``umxtools eval`` reads. A name that is not a
-plain file name (``..wav`` gives ``.``) is that input's error.
+Inputs (files, folders, list files) and their output names: :mod:`umxtools.separate_inputs`.
 
 Inputs are never outputs: ``OUT`` may not be, contain or lie inside an input file or folder, the
 list file or the model folder (``--force`` or not), and ``--force`` replaces only an earlier
@@ -42,11 +39,10 @@ import multiprocessing
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -54,31 +50,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from umxtools import __version__, audio, fileio, interrupts, workers
-from umxtools.errors import AudioError, ModelError, OutputError, UmxError, UsageError
+from umxtools.errors import AudioError, ModelError, OutputError, UmxError
 from umxtools.interrupts import Interrupted
+# the inputs and their names live in separate_inputs; re-exported, the names this module always offered
+from umxtools.separate_inputs import AUDIO_SUFFIXES, InputItem, collect_inputs, output_name, read_list, select_shard  # noqa: F401
 from umxtools.stems import OutputOptions, StemWriter, check_replaceable, is_complete, read_record, remove_stale
 
 if TYPE_CHECKING:
     from umxtools.progress import Progress
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3", ".mp4", ".m4a", ".aac")
 RECORD_FORMAT = "umxtools.separation"
 
 # what an interrupted run keeps (the end of its one stderr line)
 KEPT = interrupts.TRACKS_KEPT
 # seconds a worker process gets to drop its track after SIGTERM before it is killed
 WORKER_GRACE = 20.0
-
-
-@dataclass(frozen=True)
-class InputItem:
-    """One input: the file, its output folder name, or why it cannot be separated; ``given``:
-    the argument it was found through (the file itself, or a folder holding it)."""
-
-    path: Path
-    name: str
-    error: UmxError | None = None
-    given: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -104,104 +90,18 @@ class FileResult:
     seconds: float = 0.0
 
 
-# --- inputs ----------------------------------------------------------------------------------------
-
-
-def read_list(source: str | Path, stdin: Iterable[str] | None = None) -> list[str]:
-    """Paths from a list file (``-``: ``stdin``), one a line; blank lines and ``#`` comments skipped."""
-    if str(source) == "-":
-        lines = list(stdin if stdin is not None else sys.stdin)
-    elif Path(source).is_dir():
-        raise UsageError(source, "is a folder; --list takes a file of input paths, one a line (a folder itself can be an input)")
-    else:
-        try:
-            lines = Path(source).read_text().splitlines()
-        except OSError as exc:
-            raise UsageError(source, f"cannot read the input list ({exc.strerror or exc})") from exc
-    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-
-
-def collect_inputs(items: Iterable[str | Path]) -> list[InputItem]:
-    """Files as given; a folder holding ``mixture.*`` is that track; any other folder gives its
-    audio files and its track subfolders (sorted). A later input whose output name repeats an
-    earlier one is an error (its stems would overwrite the other's)."""
-    found: list[InputItem] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            files = _folder_inputs(path)
-            if not files:
-                found.append(InputItem(path, path.name, AudioError(path, "folder holds no audio files"), path))
-            found += [_item(f, path) for f in files]
-        else:
-            found.append(_item(path, path))
-    if not found:
-        raise UsageError(None, "no inputs: give audio files, folders or a list of paths")
-    seen: dict[str, Path] = {}
-    out = []
-    for it in found:
-        if it.error is None and it.name in seen:
-            it = InputItem(it.path, it.name, UsageError(it.path, f"has the same output name {it.name!r} as {seen[it.name]}"), it.given)
-        elif it.error is None:
-            seen[it.name] = it.path
-        out.append(it)
-    return out
-
-
-def select_shard(items: list[InputItem], shard) -> list[InputItem]:
-    """The inputs ``i`` with ``i % N == K`` of ``shard`` (:class:`umxtools.cache.Shard`); a shard
-    that selects none is an error (a Slurm array with more tasks than inputs)."""
-    chosen = [item for i, item in enumerate(items) if shard.selects(i)]
-    if not chosen:
-        raise UsageError(None, f"shard {shard} selects none of the {len(items)} input(s): use at most {len(items)} "
-                               "shard(s) (Slurm array tasks)")
-    return chosen
-
-
-def _item(path: Path, given: Path) -> InputItem:
-    name = output_name(path)
-    try:
-        fileio.check_name(name, "output name", path)
-    except UmxError as exc:
-        return InputItem(path, name, exc, given)
-    return InputItem(path, name, None, given)
-
-
-def _mixture(folder: Path) -> Path | None:
-    for suffix in AUDIO_SUFFIXES:
-        if (folder / f"mixture{suffix}").is_file():
-            return folder / f"mixture{suffix}"
-    return None
-
-
-def _folder_inputs(folder: Path) -> list[Path]:
-    own = _mixture(folder)
-    if own is not None:
-        return [own]
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    files = [p for p in entries if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
-    tracks = [m for p in entries if p.is_dir() and (m := _mixture(p)) is not None]
-    return files + tracks
-
-
-def output_name(path: Path) -> str:
-    """The output folder name of an input file (see the module docstring)."""
-    stem = path.stem
-    if path.name.lower().endswith(".stem.mp4"):
-        stem = path.name[: -len(".stem.mp4")]
-    if stem == "mixture" and path.parent.name:
-        return path.parent.resolve().name
-    return stem
-
-
 # --- one file --------------------------------------------------------------------------------------
 
 
 def separate_file(separator, item: InputItem, out: Path, excerpt: Excerpt, options: OutputOptions, record: dict,
-                  progress: Callable[[str, int], None] | None = None) -> FileResult:
-    """Separate one input into ``out/<name>/``; problems become ``FileResult.error``."""
+                  progress: Progress | None = None, index: int = 0) -> FileResult:
+    """Separate one input into ``out/<name>/``; problems become ``FileResult.error``.
+
+    ``progress(event, info)``: the separator's ``total`` and ``advance``, ``info["file"]`` = ``index``.
+    """
     t0 = time.perf_counter()
     result = FileResult(str(item.path))
+    tagged = None if progress is None else (lambda event, info: progress(event, {"file": index, **info}))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -212,7 +112,7 @@ def separate_file(separator, item: InputItem, out: Path, excerpt: Excerpt, optio
                 remove_stale(final)  # what killed writers of this track left: nobody else holds the lock
                 try:
                     result.output, result.clipped, result.audio_seconds, result.skipped = _separate(
-                        separator, item, final, excerpt, options, record, progress)
+                        separator, item, final, excerpt, options, record, tagged)
                 except BaseException:
                     # a signal can land between the partial folder's creation and the code that
                     # guards it (the SIGTERM test of tests/test_separate_requeue.py hit that window once)
@@ -392,7 +292,7 @@ def separate_files(
             results = []
             for i, item in enumerate(items):
                 progress("start", {"file": i})
-                results.append(separate_file(separator, item, out, excerpt, options, record, _of_file(progress, i)))
+                results.append(separate_file(separator, item, out, excerpt, options, record, progress, i))
                 progress("done", {"file": i})
             return results
         del separator, model  # each worker loads its own
@@ -402,11 +302,6 @@ def separate_files(
 
 
 _STOP_SIGNALS = interrupts.SIGNALS
-
-
-def _of_file(progress: Progress, index: int):
-    """The separator's ``progress(event, n)`` for file ``index`` as this module's ``(event, info)``."""
-    return lambda event, n: progress(event, {"file": index, "n": n})
 
 
 # --- worker processes ------------------------------------------------------------------------------
@@ -444,7 +339,7 @@ def _worker_run(index: int, item: InputItem, out: Path, excerpt: Excerpt, option
     _WORKER["busy"] = True
     try:
         return separate_file(_WORKER["separator"], item, out, excerpt, options, _WORKER["record"],
-                             _of_file(lambda e, info: events.put((e, info)), index))
+                             lambda e, info: events.put((e, info)), index)
     except Interrupted as exc:
         # the track is dropped and its lock released: this worker ends, the parent stops the rest
         os._exit(128 + exc.signum)

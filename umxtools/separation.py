@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -48,14 +49,15 @@ from umxtools.models.loading import SeparationModel
 from umxtools.models.umx import OpenUnmix
 from umxtools.transforms import CentredSTFT, OverlapAdd
 
+if TYPE_CHECKING:
+    from umxtools.progress import Progress
+
 # frames per chunk of pass 1 (encoder input: chunk x channels x bins floats, 32 MB at 2048)
 ENCODE_CHUNK = 2048
 # frames per window when the windows do not change the result (no EM: each bin is filtered alone)
 FREE_WINDOW = 300
 # samples per block handed out by time-domain models run whole
 WAVE_BLOCK = 1 << 18
-
-Progress = Callable[[str, int], None]
 
 
 @dataclass(frozen=True)
@@ -213,14 +215,15 @@ class Separator:
     def stream(self, audio: np.ndarray | torch.Tensor, progress: Progress | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Consecutive blocks ``{output: (channels, n)}`` (float32, CPU) covering the whole input.
 
-        Raises ``ValueError`` for input shorter than :attr:`min_samples` or not stereo.
+        ``progress(event, info)`` (:mod:`umxtools.progress`) gets ``total`` and ``advance``
+        ``{"n": ...}`` in segments or windows. Raises ``ValueError`` for input shorter than :attr:`min_samples` or not stereo.
         """
         audio = torch.as_tensor(audio, dtype=torch.float32)
         if audio.dim() != 2 or audio.shape[0] != 2:
             raise ValueError(f"expected stereo audio of shape (2, samples), got {tuple(audio.shape)}")
         if audio.shape[1] < self.min_samples:
             raise ValueError(f"{audio.shape[1]} samples is shorter than one STFT frame ({self.min_samples})")
-        progress = progress or (lambda event, n: None)
+        progress = progress or (lambda event, info: None)
         audio = audio.to(self.device)
         with torch.inference_mode():
             blocks = self._spectrogram_blocks(audio, progress) if self.model.kind == "spectrogram" else self._waveform_blocks(audio, progress)
@@ -258,7 +261,7 @@ class Separator:
             y = wiener(mags, mix, s.niter, softmask=s.softmask, residual=s.residual)  # (sources, channels, frames, bins)
             del mags
             yield ola.push(y)
-            progress("advance", 1)
+            progress("advance", {"n": 1})
         yield ola.finish()
 
     def _segment_len(self, unit: int) -> tuple[int, int] | None:
@@ -286,15 +289,15 @@ class Separator:
             return y[0, self._select].expand(-1, audio.shape[0], -1)  # (targets, channels, samples)
 
         if self._plan is not None:
-            progress("total", self._plan.nb_segments(length))
+            progress("total", {"n": self._plan.nb_segments(length)})
             chunks = _starts(y[self._select] for y in self._plan.blocks(audio, progress))
         elif seg is None:
-            progress("total", 1)
+            progress("total", {"n": 1})
             y = run(0, length)
-            progress("advance", 1)
+            progress("advance", {"n": 1})
             chunks = ((y[..., a:a + WAVE_BLOCK], a) for a in range(0, length, WAVE_BLOCK))
         else:
-            progress("total", _nb_segments(length, *seg))
+            progress("total", {"n": _nb_segments(length, *seg)})
             chunks = _crossfaded(run, length, *seg, progress)
         for y, a in chunks:
             if self.settings.residual:
@@ -366,18 +369,18 @@ class _UMXEstimator:
         self.models, self.mono = models, mono
         n = stft.nb_frames
         chunks = [(a, min(n, a + ENCODE_CHUNK)) for a in range(0, n, ENCODE_CHUNK)]
-        progress("total", len(chunks) + len(models) + nb_windows)
+        progress("total", {"n": len(chunks) + len(models) + nb_windows})
         device = stft.audio.device
         self.h = {t: torch.empty(n, 1, m.hidden_size, device=device) for t, m in models.items()}
         for a, b in chunks:
             mag = _frames_first(_magnitude(stft.frames(a, b), mono))
             for t, m in models.items():
                 self.h[t][a:b] = m.encode(mag)  # (frames, 1, hidden)
-            progress("advance", 1)
+            progress("advance", {"n": 1})
         self.lstm = {}
         for t, m in models.items():
             self.lstm[t] = m.context(self.h[t])  # (frames, 1, hidden): the only whole-track step
-            progress("advance", 1)
+            progress("advance", {"n": 1})
 
     def magnitudes(self, a: int, b: int, spec: torch.Tensor) -> torch.Tensor:
         """Frames ``a:b`` of every target: ``(targets, channels, frames, bins)``."""
@@ -395,13 +398,13 @@ class _ModuleEstimator:
         self.module, self.select, self.stft, self.mono = module, select, stft, mono
         n = stft.nb_frames
         if segment is None:
-            progress("total", 1 + nb_windows)
+            progress("total", {"n": 1 + nb_windows})
             mag = torch.cat([_magnitude(stft.frames(a, min(n, a + ENCODE_CHUNK)), mono) for a in range(0, n, ENCODE_CHUNK)], dim=-1)
             self.out = self._run(mag)  # (targets, channels, bins, frames)
-            progress("advance", 1)
+            progress("advance", {"n": 1})
             self.pieces = None
         else:
-            progress("total", _nb_segments(n, *segment) + nb_windows)
+            progress("total", {"n": _nb_segments(n, *segment) + nb_windows})
             self.out = None
             self.pieces = _crossfaded(self._run_frames, n, *segment, progress)
             self.buffer, self.buffer_start = None, 0
@@ -452,7 +455,7 @@ def _crossfaded(run: Callable[[int, int], torch.Tensor], length: int, seg: int, 
     while True:
         b = min(length, a + seg)
         y = run(a, b)
-        progress("advance", 1)
+        progress("advance", {"n": 1})
         if held is not None and overlap:
             fade = (torch.arange(overlap, device=y.device, dtype=y.dtype) + 0.5) / overlap
             y = y.clone()

@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from umxtools.models import ModelError
+# the demucs rule lives in segments (built on no model); re-exported here where it was first defined
+from umxtools.segments import OVERLAP, as_fraction, demucs_plan, run_whole  # noqa: F401
 
 INSTALL = "pip install 'umxtools[htdemucs]' (demucs>=4.1)"
 # HTDemucs arguments umxtools sets under its own names
 _OWN = {"sources": "targets", "audio_channels": "nb_channels", "samplerate": "sample_rate", "segment": "segment"}
-OVERLAP = 0.25  # apply_model's default, and demucs's separate command's
 
 
 def demucs_class() -> type:
@@ -41,17 +42,6 @@ def demucs_class() -> type:
     except ImportError as exc:
         raise ModelError("demucs", f"the demucs package is not importable ({exc}); install it: {INSTALL}") from exc
     return DemucsHT
-
-
-def as_fraction(segment) -> Fraction:
-    """Seconds as an exact fraction: ``7.8`` and ``"39/5"`` both give ``Fraction(39, 5)`` (demucs's type)."""
-    try:
-        value = Fraction(str(segment))
-    except (ValueError, ZeroDivisionError) as exc:
-        raise ModelError("segment", f"{segment!r} is not a number of seconds") from exc
-    if value <= 0:
-        raise ModelError("segment", f"must be positive, got {segment!r}")
-    return value
 
 
 def fraction_text(value: Fraction) -> int | str:
@@ -188,31 +178,7 @@ class HTDemucsBag(nn.Module):
         return out / totals[:, None, None]
 
 
-def demucs_plan(module: HTDemucs | HTDemucsBag, segment: float | None = None, overlap: float = OVERLAP, shifts: int = 0,
-                batch_size: int = 1, seed: int = 0, shift_offsets: list[list[int]] | None = None, model_call=None):
-    """The :class:`umxtools.segments.DemucsPlan` that runs ``module`` as ``apply_model`` would.
-
-    ``segment`` (seconds) replaces each member's own, and may not exceed it (a transformer only
-    sees positions it was trained on; demucs refuses it too). ``model_call(member)`` wraps each
-    member's callable (the separator's shape checks); by default members are called directly.
-    """
-    from umxtools.segments import DemucsMember, DemucsPlan
-
-    members = []
-    for model, weights in module.members():
-        if segment is not None and as_fraction(segment) > Fraction(model.segment):
-            raise ModelError("htdemucs", f"segment {segment} s is longer than the {float(model.segment):g} s this model was "
-                                         "trained on; give a shorter one or none")
-        length = int(model.samplerate * segment) if segment is not None else int(model.samplerate * model.segment)
-        call = model_call(model) if model_call is not None else model
-        members.append(DemucsMember(call, length, weights))
-    return DemucsPlan(members, nb_sources=len(module.targets), max_shift=int(0.5 * module.sample_rate), overlap=overlap,
-                      shifts=shifts, batch_size=batch_size, seed=seed, shift_offsets=shift_offsets)
-
-
 def _apply(module: HTDemucs | HTDemucsBag, mix: torch.Tensor) -> torch.Tensor:
     """Eval-mode forward of any length: each example through demucs's rule, no shifts."""
-    from umxtools.segments import run_whole
-
     plan = demucs_plan(module)
     return torch.stack([run_whole(plan, x) for x in mix])
