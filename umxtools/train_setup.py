@@ -89,6 +89,7 @@ class TrainConfig:
     warmup_steps: int | None = None  # optimiser steps of linear warm-up
     clip_grad_norm: float | None = None  # 0: no clipping
     accumulate: int = 1  # batches per optimiser step
+    ema: float = 0.0  # decay of the weights' exponential moving average after each optimiser step; 0: none
     nb_workers: int = 0
     device: str = "auto"
     amp: str | None = None
@@ -258,6 +259,8 @@ def _check_flags(c: TrainConfig) -> None:
         raise UsageError(None, "--warmup-steps and --clip-grad-norm must be at least 0")
     if c.accumulate < 1:
         raise UsageError(None, "--accumulate must be at least 1")
+    if not 0 <= c.ema < 1:
+        raise UsageError(None, f"--ema {c.ema:g}: the decay must be at least 0 (0: no average) and below 1")
     if c.amp is not None and c.amp not in AMP_DTYPES:
         raise UsageError(None, f"unknown --amp {c.amp!r}; one of {', '.join(AMP_DTYPES)}")
     if c.force and c.resume:

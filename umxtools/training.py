@@ -230,6 +230,9 @@ class _Trainer:
         # gradients): the smallest share, ceil(floor(n / world) / batch)
         self.nb_batches = -(-(len(plan.train_set) // ctx.world_size) // c.batch_size)
         self.total_steps = c.epochs * -(-self.nb_batches // c.accumulate)  # the cosine's length
+        # --ema: the moving average of every float parameter and buffer (from the initial weights);
+        # integer buffers (a batch-norm count) are copied as they are
+        self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if c.ema else {}
         self.progress = Progress()
         if plan.resume is not None:
             self._restore()
@@ -245,6 +248,10 @@ class _Trainer:
                 self.scaler.load_state_dict(state.scaler)
             self.es.load_state_dict(state.early_stopping)
             self.optimizer_steps = state.optimizer_steps
+            if self.ema:
+                if set(state.ema) != set(self.ema):
+                    raise KeyError("its 'ema' entry does not hold the model's weights")
+                self.ema = {k: v.to(self.device) for k, v in state.ema.items()}
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise CheckpointError(state.path, f"does not fit the model and optimiser the flags describe ({first}); "
@@ -258,7 +265,7 @@ class _Trainer:
         return checkpoint(self.plan.info, self.progress, state_dict=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                           scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict() if self.scaler.is_enabled() else {},
                           early_stopping=self.es.state_dict(), world_size=self.ctx.world_size, rng=rng_state(),
-                          optimizer_steps=self.optimizer_steps)
+                          optimizer_steps=self.optimizer_steps, ema=self.ema)
 
     def fit(self) -> None:
         c, ctx = self.config, self.ctx
@@ -428,6 +435,20 @@ class _Trainer:
         for g, lr in zip(self.optimizer.param_groups, base):
             g["lr"] = lr
         self.optimizer_steps += 1
+        self._update_ema()
+
+    def _update_ema(self) -> None:
+        """``ema = decay * ema + (1 - decay) * w`` for every float parameter and buffer after an
+        optimiser step; other buffers take the model's value."""
+        decay = self.config.ema
+        if not decay:
+            return
+        with torch.no_grad():
+            for k, w in self.model.state_dict().items():
+                if w.is_floating_point():
+                    self.ema[k].mul_(decay).add_(w, alpha=1 - decay)
+                else:
+                    self.ema[k].copy_(w)
 
     def _valid_epoch(self) -> tuple[float, list[float]]:
         """Mean validation loss over the validation excerpts (whole tracks by default), all ranks."""
@@ -472,9 +493,15 @@ class _RunWriter:
             self._write_derived(final=True)
 
     def _save_weights(self) -> None:
-        model = self.trainer.model
+        model, ema = self.trainer.model, self.trainer.ema
         exports = model.target_models() if self.info.files.exports else {}
-        write_weights(self.info.files, model.state_dict(), {t: part.state_dict() for t, part in exports.items()})
+        prefixes = {id(m): name for name, m in model.named_modules()}
+        ema_exports = {}
+        for t, part in exports.items():  # each part's slice of the average, under the part's own names
+            prefix = prefixes[id(part)] + "."
+            ema_exports[t] = {k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)}
+        write_weights(self.info.files, model.state_dict(), {t: part.state_dict() for t, part in exports.items()},
+                      ema, ema_exports if ema else None)
 
     def _write_derived(self, final: bool) -> None:
         write_metadata(self.info, self.trainer.progress, self.trainer.es.num_bad_epochs)
