@@ -482,6 +482,10 @@ def _key_values(items: tuple[str, ...], flag: str) -> dict:
               help="Clip the gradient norm to this (0: off) [default: the family's: 0; roformers 1].")
 @click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batches whose gradients make one optimiser step.")
+@click.option("--valid-metric", type=click.Choice(["loss", "sdr"]), default=None,
+              help="What picks the best weights (and drives early stopping and the plateau decay): the validation loss, or "
+                   "the mean uSDR over targets and tracks (waveform models) [default: the family's: loss (umx, waveform, "
+                   "custom); sdr (roformers, htdemucs)].")
 @click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, metavar="DECAY",
               help="Also keep the weights' exponential moving average (DECAY per optimiser step; 0: off; e.g. 0.999 for "
                    "roformers), saved as <run>.ema.pth; separate --ema uses it.")

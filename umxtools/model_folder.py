@@ -45,15 +45,15 @@ MODEL_RUN = "model"  # the run name of joint, waveform and custom models
 MODEL_JSON = f"{MODEL_RUN}.json"
 SEPARATOR_JSON = "separator.json"
 EMA_SUFFIX = ".ema.pth"  # <run>.ema.pth, <target>.ema.pth: the EMA weights beside <run>.pth
-HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "best", "lr", "seconds", "samples", "samples_per_s", "data_wait")
+HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_sdr", "best", "lr", "seconds", "samples", "samples_per_s", "data_wait")
 # the flags a resumed run must share with its checkpoint (TrainConfig.args() names)
 IDENTITY_FLAGS = ("targets", "nb_channels", "seq_dur", "valid_seq_dur", "samples_per_track", "source_augmentations",
                   "random_track_mix", "batch_size", "lr", "weight_decay", "lr_decay_patience", "lr_decay_gamma", "patience", "seed",
-                  "optimizer", "lr_schedule", "warmup_steps", "clip_grad_norm", "accumulate", "ema")
+                  "optimizer", "lr_schedule", "warmup_steps", "clip_grad_norm", "accumulate", "ema", "valid_metric")
 # the recipe every run had before its flags existed: a checkpoint without these keys was trained
 # so, and resumes when this run asks for the same
 IDENTITY_BEFORE_RECIPE = {"optimizer": "adam", "lr_schedule": "plateau", "warmup_steps": 0, "clip_grad_norm": 0.0, "accumulate": 1,
-                          "ema": 0.0}
+                          "ema": 0.0, "valid_metric": "loss"}
 
 
 # --- names -----------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def _summary(info: RunInfo, progress: Progress, num_bad_epochs: int, target: str
     best_row = next((r for r in rows if r["epoch"] == progress.best_epoch), None)
     return {"epochs_trained": progress.epochs_trained, "best_epoch": progress.best_epoch,
             "best_loss": best_row[f"valid_loss{suffix}"] if best_row else None,
-            "weights_kept": "best_valid_loss" if info.validates else "last_epoch",
+            "weights_kept": (f"best_valid_{info.flags.get('valid_metric') or 'loss'}" if info.validates else "last_epoch"),
             "train_loss_history": [r[f"train_loss{suffix}"] for r in rows], "valid_loss_history": valid,
             "train_time_history": [r["seconds"] for r in rows], "num_bad_epochs": num_bad_epochs}
 

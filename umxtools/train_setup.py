@@ -34,6 +34,7 @@ DEVICES = ("auto", "cpu", "cuda")
 STATS_ARGS = ("input_mean", "input_scale")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("plateau", "cosine")
+VALID_METRICS = ("loss", "sdr")
 # each family's training recipe: what a flag left out (None in TrainConfig) becomes. umx and
 # waveform keep open-unmix's recipe exactly (Adam, ReduceLROnPlateau per epoch, no clipping);
 # the transformers and HTDemucs get AdamW and a per-step cosine decay (Loshchilov & Hutter,
@@ -41,13 +42,18 @@ LR_SCHEDULES = ("plateau", "cosine")
 # linear warm-up and clipping as transformers usually need (a common choice, not measured
 # here); HTDemucs without either, as demucs's own recipe (clip_grad 0). The roformers' loss is
 # the nearest to MSST's (L1 plus multi-resolution STFT). A MODULE:CLASS model gets "custom".
-RECIPE_KEYS = ("loss", "optimizer", "lr_schedule", "warmup_steps", "clip_grad_norm")
-_OPEN_UNMIX = {"loss": "l1", "optimizer": "adam", "lr_schedule": "plateau", "warmup_steps": 0, "clip_grad_norm": 0.0}
-_ROFORMER = {"loss": "l1+mrstft", "optimizer": "adamw", "lr_schedule": "cosine", "warmup_steps": 500, "clip_grad_norm": 1.0}
+# Best weights, early stopping and the plateau decay follow the validation loss (open-unmix) or
+# the validation uSDR (what MSST and demucs select on).
+RECIPE_KEYS = ("loss", "optimizer", "lr_schedule", "warmup_steps", "clip_grad_norm", "valid_metric")
+_OPEN_UNMIX = {"loss": "l1", "optimizer": "adam", "lr_schedule": "plateau", "warmup_steps": 0, "clip_grad_norm": 0.0,
+               "valid_metric": "loss"}
+_ROFORMER = {"loss": "l1+mrstft", "optimizer": "adamw", "lr_schedule": "cosine", "warmup_steps": 500, "clip_grad_norm": 1.0,
+             "valid_metric": "sdr"}
 RECIPES: dict[str, dict] = {
     "umx": _OPEN_UNMIX, "waveform": _OPEN_UNMIX, "custom": _OPEN_UNMIX,
     "bsroformer": _ROFORMER, "melroformer": _ROFORMER,
-    "htdemucs": {"loss": "l1", "optimizer": "adamw", "lr_schedule": "cosine", "warmup_steps": 0, "clip_grad_norm": 0.0},
+    "htdemucs": {"loss": "l1", "optimizer": "adamw", "lr_schedule": "cosine", "warmup_steps": 0, "clip_grad_norm": 0.0,
+                 "valid_metric": "sdr"},
 }
 
 
@@ -89,6 +95,7 @@ class TrainConfig:
     warmup_steps: int | None = None  # optimiser steps of linear warm-up
     clip_grad_norm: float | None = None  # 0: no clipping
     accumulate: int = 1  # batches per optimiser step
+    valid_metric: str | None = None  # VALID_METRICS: what picks the best weights
     ema: float = 0.0  # decay of the weights' exponential moving average after each optimiser step; 0: none
     nb_workers: int = 0
     device: str = "auto"
@@ -166,6 +173,9 @@ def prepare(config: TrainConfig) -> Plan:
     valid_meta = None if config.valid is None else open_cache(config.valid, expect=s, check_stale=not config.allow_stale)
     torch.manual_seed(config.seed)  # the initial weights; the same on every rank
     model, spec = build_model(config, meta)
+    if config.valid_metric == "sdr" and spec.kind != "waveform":
+        raise UsageError(None, f"--valid-metric sdr needs a waveform model: {config.model} estimates magnitudes, which have no "
+                               "waveform to score without the phase and Wiener filtering of separate; use --valid-metric loss")
     # built before anything is written, so a missing target fails early; the loop trains on them
     train_set, valid_set = _datasets(config, spec.kind, meta, valid_meta)
     files = _run_files(config)
@@ -252,7 +262,8 @@ def _check_flags(c: TrainConfig) -> None:
         loss_terms(c.loss)
     except ValueError as exc:
         raise UsageError(None, f"--loss {c.loss}: {exc}") from None
-    for flag, value, known in (("--optimizer", c.optimizer, OPTIMIZERS), ("--lr-schedule", c.lr_schedule, LR_SCHEDULES)):
+    for flag, value, known in (("--optimizer", c.optimizer, OPTIMIZERS), ("--lr-schedule", c.lr_schedule, LR_SCHEDULES),
+                               ("--valid-metric", c.valid_metric, VALID_METRICS)):
         if value not in known:
             raise UsageError(None, f"unknown {flag} {value!r}; one of {', '.join(known)}")
     if c.warmup_steps < 0 or c.clip_grad_norm < 0:
