@@ -482,6 +482,9 @@ def _key_values(items: tuple[str, ...], flag: str) -> dict:
               help="Clip the gradient norm to this (0: off) [default: the family's: 0; roformers 1].")
 @click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batches whose gradients make one optimiser step.")
+@click.option("--init-from", default=None, metavar="PATH|NAME",
+              help="Start from these weights (those whose name and shape match): an open-unmix .pth or model folder, a "
+                   "umxtools model folder, a demucs .th or name, an MSST .ckpt. Not with --resume.")
 @click.option("--valid-metric", type=click.Choice(["loss", "sdr"]), default=None,
               help="What picks the best weights (and drives early stopping and the plateau decay): the validation loss, or "
                    "the mean uSDR over targets and tracks (waveform models) [default: the family's: loss (umx, waveform, "

@@ -96,6 +96,7 @@ class TrainConfig:
     clip_grad_norm: float | None = None  # 0: no clipping
     accumulate: int = 1  # batches per optimiser step
     valid_metric: str | None = None  # VALID_METRICS: what picks the best weights
+    init_from: str | None = None  # a model folder, .pth, .th, .ckpt or demucs name: the initial weights
     ema: float = 0.0  # decay of the weights' exponential moving average after each optimiser step; 0: none
     nb_workers: int = 0
     device: str = "auto"
@@ -128,6 +129,7 @@ class Plan:
     train_set: RandomDataset
     valid_set: IndexDataset | None  # None: no validation
     resume: Resumed | None = None  # the checkpoint to continue (set under the run's lock)
+    init_note: str | None = None  # what --init-from loaded
     delete: list[Path] = field(default_factory=list)  # an earlier run's files (--force)
 
     @property
@@ -176,6 +178,9 @@ def prepare(config: TrainConfig) -> Plan:
     if config.valid_metric == "sdr" and spec.kind != "waveform":
         raise UsageError(None, f"--valid-metric sdr needs a waveform model: {config.model} estimates magnitudes, which have no "
                                "waveform to score without the phase and Wiener filtering of separate; use --valid-metric loss")
+    init_note = None
+    if config.init_from is not None:
+        init_note = _init_weights(config, model)
     # built before anything is written, so a missing target fails early; the loop trains on them
     train_set, valid_set = _datasets(config, spec.kind, meta, valid_meta)
     files = _run_files(config)
@@ -186,7 +191,19 @@ def prepare(config: TrainConfig) -> Plan:
                       "this one loads in umxtools only", stacklevel=2)
     info = RunInfo(files, spec, config.args(), config.command, s.sample_rate, s.n_fft, s.n_hop, config.nb_channels,
                    loss_name(spec.kind, config.loss), cache_identity(meta), cache_identity(valid_meta))
-    return Plan(config, meta, valid_meta, model, info, train_set, valid_set)
+    return Plan(config, meta, valid_meta, model, info, train_set, valid_set, init_note=init_note)
+
+
+def _init_weights(config: TrainConfig, model: torch.nn.Module) -> str:
+    """``--init-from``: the matching weights copied into ``model``; the note saying what matched."""
+    from umxtools.init_weights import describe, init_from, source_state
+
+    state = source_state(config.init_from, list(config.targets), config.joint)
+    matched = init_from(model, state)
+    if not matched["loaded"]:
+        raise UsageError(None, f"--init-from {config.init_from}: no weight matches the model's names and shapes "
+                               f"({len(matched['unexpected'])} unexpected, {len(matched['mismatched'])} of another shape)")
+    return describe(config.init_from, matched)
 
 
 def with_recipe(config: TrainConfig) -> TrainConfig:
@@ -276,6 +293,8 @@ def _check_flags(c: TrainConfig) -> None:
         raise UsageError(None, f"unknown --amp {c.amp!r}; one of {', '.join(AMP_DTYPES)}")
     if c.force and c.resume:
         raise UsageError(None, "--force and --resume exclude each other")
+    if c.init_from is not None and c.resume:
+        raise UsageError(None, "--init-from starts a fresh run; --resume continues one from its checkpoint: give one of them")
     for name in ("epochs", "batch_size", "samples_per_track"):
         if getattr(c, name) < 1:
             raise UsageError(None, f"--{name.replace('_', '-')} must be at least 1")

@@ -141,6 +141,8 @@ def plan_output_of(plan: Plan) -> None:
 def _start_notes(plan: Plan) -> list[str]:
     """What a user must know before the first epoch, even with ``-q``."""
     c, meta, notes = plan.config, plan.meta, []
+    if plan.init_note is not None:
+        notes.append(f"{plan.files.folder}: {plan.init_note}")
     if plan.valid_set is None:
         notes.append(f"{plan.files.folder}: no --valid: no validation; the weights kept are the last epoch's, the learning rate "
                      "decays when the training loss stops falling, and there is no early stopping (--epochs or --time-limit "
