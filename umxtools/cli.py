@@ -482,6 +482,16 @@ def _key_values(items: tuple[str, ...], flag: str) -> dict:
               help="Clip the gradient norm to this (0: off) [default: the family's: 0; roformers 1].")
 @click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batches whose gradients make one optimiser step.")
+@click.option("--init-from", default=None, metavar="PATH|NAME",
+              help="Start from these weights (those whose name and shape match): an open-unmix .pth or model folder, a "
+                   "umxtools model folder, a demucs .th or name, an MSST .ckpt. Not with --resume.")
+@click.option("--valid-metric", type=click.Choice(["loss", "sdr"]), default=None,
+              help="What picks the best weights (and drives early stopping and the plateau decay): the validation loss, or "
+                   "the mean uSDR over targets and tracks (waveform models) [default: the family's: loss (umx, waveform, "
+                   "custom); sdr (roformers, htdemucs)].")
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, metavar="DECAY",
+              help="Also keep the weights' exponential moving average (DECAY per optimiser step; 0: off; e.g. 0.999 for "
+                   "roformers), saved as <run>.ema.pth; separate --ema uses it.")
 @click.option("--nb-workers", type=click.IntRange(min=0), default=0, show_default=True, help="Loader worker processes.")
 # the precision list mirrors umxtools.training.AMP_DTYPES, written out so that `umxtools --help`
 # does not import torch; the library checks it (and the device) again
@@ -698,12 +708,13 @@ def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool,
 @click.option("--trust-code", is_flag=True, envvar="UMXTOOLS_TRUST_CODE",
               help="Run the Python code a model folder's model.json names (its own .py file or a module outside umxtools); "
                    "only for model folders you trust. Env: UMXTOOLS_TRUST_CODE=1.")
+@click.option("--ema", is_flag=True, help="A trained model folder's EMA weights (<run>.ema.pth, train --ema) instead of its raw weights.")
 @_quiet_option
 def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path, model: str | None, model_config: Path | None, targets: str | None, niter: int,
                      softmask: bool, residual: bool, wiener_win_len: int, aggregate: tuple[str, ...], segment: float | None,
                      overlap: float, shifts: int, seed: int, batch_size: int | None, num_overlap: int | None, device: str, jobs: int,
                      start: float, duration: float | None, keep_rate: bool, fmt: str,
-                     bits: str | None, clip: str, shard: str | None, force: bool, trust_code: bool, quiet: bool) -> None:
+                     bits: str | None, clip: str, shard: str | None, force: bool, trust_code: bool, ema: bool, quiet: bool) -> None:
     """Separate audio files (or folders of them) into their sources with an Open-Unmix or umxtools model.
 
     A rerun skips the inputs already separated with the same settings (a requeued Slurm task
@@ -725,7 +736,8 @@ def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path,
     with interruptible(), file_bars([item.path.name for item in items], quiet) as progress:
         results = separate_files(model, items, out, settings, targets=_csv(targets), excerpt=Excerpt(start, duration),
                                  options=options, jobs=jobs, progress=progress, command=["umxtools", *sys.argv[1:]],
-                                 trust_code=trust_code, lists=[list_file] if list_file else [], model_config=model_config)
+                                 trust_code=trust_code, lists=[list_file] if list_file else [], model_config=model_config,
+                                 ema=ema)
     failed = 0
     for r in results:
         for w in r.warnings:

@@ -44,14 +44,16 @@ CHECKPOINT_VERSION = 1
 MODEL_RUN = "model"  # the run name of joint, waveform and custom models
 MODEL_JSON = f"{MODEL_RUN}.json"
 SEPARATOR_JSON = "separator.json"
-HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "best", "lr", "seconds", "samples", "samples_per_s", "data_wait")
+EMA_SUFFIX = ".ema.pth"  # <run>.ema.pth, <target>.ema.pth: the EMA weights beside <run>.pth
+HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_sdr", "best", "lr", "seconds", "samples", "samples_per_s", "data_wait")
 # the flags a resumed run must share with its checkpoint (TrainConfig.args() names)
 IDENTITY_FLAGS = ("targets", "nb_channels", "seq_dur", "valid_seq_dur", "samples_per_track", "source_augmentations",
                   "random_track_mix", "batch_size", "lr", "weight_decay", "lr_decay_patience", "lr_decay_gamma", "patience", "seed",
-                  "optimizer", "lr_schedule", "warmup_steps", "clip_grad_norm", "accumulate")
+                  "optimizer", "lr_schedule", "warmup_steps", "clip_grad_norm", "accumulate", "ema", "valid_metric")
 # the recipe every run had before its flags existed: a checkpoint without these keys was trained
 # so, and resumes when this run asks for the same
-IDENTITY_BEFORE_RECIPE = {"optimizer": "adam", "lr_schedule": "plateau", "warmup_steps": 0, "clip_grad_norm": 0.0, "accumulate": 1}
+IDENTITY_BEFORE_RECIPE = {"optimizer": "adam", "lr_schedule": "plateau", "warmup_steps": 0, "clip_grad_norm": 0.0, "accumulate": 1,
+                          "ema": 0.0, "valid_metric": "loss"}
 
 
 # --- names -----------------------------------------------------------------------------------
@@ -68,6 +70,11 @@ class RunFiles:
     @property
     def weights(self) -> Path:
         return self.folder / f"{self.name}.pth"
+
+    @property
+    def ema_weights(self) -> Path:
+        """``<run>.ema.pth``: the weights' moving average (``--ema``), beside the raw weights."""
+        return self.folder / f"{self.name}{EMA_SUFFIX}"
 
     @property
     def checkpoint(self) -> Path:
@@ -98,14 +105,17 @@ class RunFiles:
     def export_weights(self, target: str) -> Path:
         return self.folder / f"{target}.pth"
 
+    def export_ema_weights(self, target: str) -> Path:
+        return self.folder / f"{target}{EMA_SUFFIX}"
+
     def export_metadata(self, target: str) -> Path:
         return self.folder / f"{target}.json"
 
     def own(self) -> list[Path]:
         """Every file this run writes except the folder-wide ``separator.json`` and ``curves.png``."""
-        paths = [self.weights, self.checkpoint, self.metadata, self.history]
+        paths = [self.weights, self.ema_weights, self.checkpoint, self.metadata, self.history]
         for t in self.exports:
-            paths += [self.export_weights(t), self.export_metadata(t)]
+            paths += [self.export_weights(t), self.export_ema_weights(t), self.export_metadata(t)]
         return paths
 
 
@@ -229,7 +239,7 @@ def _summary(info: RunInfo, progress: Progress, num_bad_epochs: int, target: str
     best_row = next((r for r in rows if r["epoch"] == progress.best_epoch), None)
     return {"epochs_trained": progress.epochs_trained, "best_epoch": progress.best_epoch,
             "best_loss": best_row[f"valid_loss{suffix}"] if best_row else None,
-            "weights_kept": "best_valid_loss" if info.validates else "last_epoch",
+            "weights_kept": (f"best_valid_{info.flags.get('valid_metric') or 'loss'}" if info.validates else "last_epoch"),
             "train_loss_history": [r[f"train_loss{suffix}"] for r in rows], "valid_loss_history": valid,
             "train_time_history": [r["seconds"] for r in rows], "num_bad_epochs": num_bad_epochs}
 
@@ -243,13 +253,15 @@ def target_json(info: RunInfo, progress: Progress, num_bad_epochs: int, target: 
     a = info.spec.args
     args = {**info.flags, "target": target, "nfft": info.n_fft, "nhop": info.n_hop,
             **{k: a[k] for k in ("nb_channels", "hidden_size", "nb_layers", "unidirectional", "max_bin")}}
-    return {"args": args, "rate": float(info.sample_rate), **_summary(info, progress, num_bad_epochs, target), **_provenance(info)}
+    ema = info.files.export_ema_weights(target) if info.files.name == MODEL_RUN else info.files.ema_weights
+    return {"args": args, "rate": float(info.sample_rate), **_summary(info, progress, num_bad_epochs, target), **_provenance(info),
+            "ema_weights": ema.name if info.flags.get("ema") else None}
 
 
 def model_json(spec: ModelSpec, targets: list[str], weights: str, sample_rate: int, nb_channels: int,
                command: list[str] | None, **more) -> dict:
     """docs/model-format.md's ``model.json``; ``more``: the optional keys (``n_fft``, ``n_hop``,
-    ``training``, ``cache``, ``valid_cache``, ``segmenting``, ``imported_from``)."""
+    ``training``, ``cache``, ``valid_cache``, ``ema_weights``, ``segmenting``, ``imported_from``)."""
     return {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "kind": spec.kind, "class": spec.cls,
             "args": spec.args, "targets": list(targets), "weights": weights, "sample_rate": sample_rate,
             "nb_channels": nb_channels, "umxtools_version": __version__, "command": command, **more}
@@ -259,7 +271,8 @@ def trained_model_json(info: RunInfo, progress: Progress, num_bad_epochs: int) -
     """``model.json`` of a training run: the model, the flags, loss and histories, the caches."""
     training = {"args": info.flags, "loss": info.loss, **_summary(info, progress, num_bad_epochs)}
     return model_json(info.spec, info.targets, info.files.weights.name, info.sample_rate, info.nb_channels, info.command,
-                      n_fft=info.n_fft, n_hop=info.n_hop, training=training, cache=info.cache, valid_cache=info.valid_cache)
+                      n_fft=info.n_fft, n_hop=info.n_hop, training=training, cache=info.cache, valid_cache=info.valid_cache,
+                      ema_weights=info.files.ema_weights.name if info.flags.get("ema") else None)
 
 
 @dataclass(frozen=True)
@@ -408,7 +421,7 @@ def target_nfft(folder: Path, target: str) -> int | None:
 
 
 def checkpoint(info: RunInfo, progress: Progress, *, state_dict: dict, optimizer: dict, scheduler: dict, scaler: dict,
-               early_stopping: dict, world_size: int, rng: dict, optimizer_steps: int) -> dict:
+               early_stopping: dict, world_size: int, rng: dict, optimizer_steps: int, ema: dict) -> dict:
     """The ``<run>.chkpnt`` payload (docs/model-format.md), in types ``weights_only`` loading accepts."""
     return {
         "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "umxtools_version": __version__,
@@ -419,7 +432,7 @@ def checkpoint(info: RunInfo, progress: Progress, *, state_dict: dict, optimizer
         "stopped_early": progress.stopped_early, "scaler": scaler, "history": progress.history,
         "identity": run_identity(info), "targets": info.targets,
         "model": {"class": info.spec.cls, "args": info.spec.args, "kind": info.spec.kind},
-        "world_size": world_size, "rng": rng, "optimizer_steps": optimizer_steps,
+        "world_size": world_size, "rng": rng, "optimizer_steps": optimizer_steps, "ema": ema,
     }
 
 
@@ -455,6 +468,7 @@ class Resumed:
     early_stopping: dict
     rng: dict
     optimizer_steps: int  # optimiser steps taken (the warm-up and cosine schedules' position)
+    ema: dict  # the weights' moving average (--ema); {} without
 
 
 def resumed(path: Path, state: dict) -> Resumed:
@@ -471,7 +485,8 @@ def resumed(path: Path, state: dict) -> Resumed:
         key = exc.args[0] if isinstance(exc, KeyError) else "epochs_trained, best_epoch or stopped_early"
         raise CheckpointError(path, f"its {key!r} entry is missing or garbled; pass --force to start over") from exc
     return Resumed(path, progress, state["identity"], state["state_dict"], state["optimizer"], state["scheduler"],
-                   state.get("scaler") or {}, state["early_stopping"], state["rng"], int(state.get("optimizer_steps", 0)))
+                   state.get("scaler") or {}, state["early_stopping"], state["rng"], int(state.get("optimizer_steps", 0)),
+                   state.get("ema") or {})
 
 
 # --- a run's files, written in order -------------------------------------------------------------
@@ -482,11 +497,17 @@ def save_torch(path: Path, obj) -> None:
         torch.save(obj, tmp)
 
 
-def write_weights(files: RunFiles, state_dict: dict, exports: dict[str, dict]) -> None:
-    """``<run>.pth``, and each exported target's ``<target>.pth`` (joint models)."""
+def write_weights(files: RunFiles, state_dict: dict, exports: dict[str, dict], ema: dict | None = None,
+                  ema_exports: dict[str, dict] | None = None) -> None:
+    """``<run>.pth``, and each exported target's ``<target>.pth`` (joint models); with ``--ema``
+    the moving averages beside them (``<run>.ema.pth``, ``<target>.ema.pth``)."""
     save_torch(files.weights, state_dict)
     for t, part in exports.items():
         save_torch(files.export_weights(t), part)
+    if ema:
+        save_torch(files.ema_weights, ema)
+        for t, part in (ema_exports or {}).items():
+            save_torch(files.export_ema_weights(t), part)
 
 
 def write_metadata(info: RunInfo, progress: Progress, num_bad_epochs: int) -> None:

@@ -252,6 +252,7 @@ def separate_files(
     trust_code: bool = False,
     lists: Iterable[str | Path] = (),
     model_config: str | Path | None = None,
+    ema: bool = False,
 ) -> list[FileResult]:
     """Separate every input with one model; results in input order.
 
@@ -263,7 +264,8 @@ def separate_files(
     :class:`FileResult`'s ``error``. ``progress(event, info)`` (:mod:`umxtools.progress`) gets
     ``start``, ``total``, ``advance`` and ``done`` per input, ``info["file"]`` its index. A SIGTERM or SIGINT (in the main thread) raises
     :class:`~umxtools.interrupts.Interrupted` once the track being written is dropped
-    (:func:`umxtools.interrupts.interruptible`).
+    (:func:`umxtools.interrupts.interruptible`). ``ema``: a trained folder's EMA weights
+    (``--ema`` of train) instead of its raw weights.
     """
     from umxtools.models.loading import load_model
     from umxtools.pretrained import default_model
@@ -279,7 +281,7 @@ def separate_files(
         model_source = default_model(targets)
     if Path(model_source).expanduser().exists():
         fileio.check_disjoint(out, [Path(model_source).expanduser()], "model folder")
-    model = load_model(model_source, targets, trust_code=trust_code, config=model_config)
+    model = load_model(model_source, targets, trust_code=trust_code, config=model_config, ema=ema)
     separator = Separator(model, settings)  # checks the settings against the model
     fileio.check_writable(out)
     record = {"format": RECORD_FORMAT, "format_version": 1, "model": model.identity,
@@ -298,7 +300,7 @@ def separate_files(
         del separator, model  # each worker loads its own
         jobs = min(jobs, len(items))
         return _in_processes(model_source, targets, settings, record, items, out, excerpt, options, jobs, progress, trust_code,
-                             model_config)
+                             model_config, ema)
 
 
 _STOP_SIGNALS = interrupts.SIGNALS
@@ -320,7 +322,7 @@ def _worker_signal(signum, frame) -> None:
     os._exit(128 + signum)
 
 
-def _worker_init(model_source, targets, settings, record, threads, events, trust_code, model_config=None) -> None:
+def _worker_init(model_source, targets, settings, record, threads, events, trust_code, model_config=None, ema=False) -> None:
     import torch
 
     from umxtools.models.loading import load_model
@@ -329,7 +331,7 @@ def _worker_init(model_source, targets, settings, record, threads, events, trust
     for s in _STOP_SIGNALS:
         signal.signal(s, _worker_signal)
     torch.set_num_threads(threads)
-    model = load_model(model_source, targets, identity=False, trust_code=trust_code, config=model_config)
+    model = load_model(model_source, targets, identity=False, trust_code=trust_code, config=model_config, ema=ema)
     _WORKER.update(separator=Separator(model, settings), record=record, events=events)
 
 
@@ -363,7 +365,7 @@ def _stop_workers(workers: list) -> None:
 
 
 def _in_processes(model_source, targets, settings, record, items, out, excerpt, options, jobs, progress, trust_code,
-                  model_config=None) -> list[FileResult]:
+                  model_config=None, ema=False) -> list[FileResult]:
     events = multiprocessing.get_context("spawn").Queue()  # the context of workers.pool's processes
     threads = max(1, (os.cpu_count() or 1) // jobs)
     stop = threading.Event()
@@ -379,7 +381,8 @@ def _in_processes(model_source, targets, settings, record, items, out, excerpt, 
     relay_thread.start()
     others = set(multiprocessing.active_children())
     # workers.pool: spawned; _worker_init then replaces the SIGINT it ignores with _worker_signal
-    pool = workers.pool(jobs, _worker_init, (str(model_source), targets, settings, record, threads, events, trust_code, model_config))
+    pool = workers.pool(jobs, _worker_init, (str(model_source), targets, settings, record, threads, events, trust_code, model_config,
+                                                   ema))
     try:
         futures = [pool.submit(_worker_run, i, item, out, excerpt, options) for i, item in enumerate(items)]
         results = [f.result() for f in futures]

@@ -34,6 +34,7 @@ DEVICES = ("auto", "cpu", "cuda")
 STATS_ARGS = ("input_mean", "input_scale")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("plateau", "cosine")
+VALID_METRICS = ("loss", "sdr")
 # each family's training recipe: what a flag left out (None in TrainConfig) becomes. umx and
 # waveform keep open-unmix's recipe exactly (Adam, ReduceLROnPlateau per epoch, no clipping);
 # the transformers and HTDemucs get AdamW and a per-step cosine decay (Loshchilov & Hutter,
@@ -41,13 +42,18 @@ LR_SCHEDULES = ("plateau", "cosine")
 # linear warm-up and clipping as transformers usually need (a common choice, not measured
 # here); HTDemucs without either, as demucs's own recipe (clip_grad 0). The roformers' loss is
 # the nearest to MSST's (L1 plus multi-resolution STFT). A MODULE:CLASS model gets "custom".
-RECIPE_KEYS = ("loss", "optimizer", "lr_schedule", "warmup_steps", "clip_grad_norm")
-_OPEN_UNMIX = {"loss": "l1", "optimizer": "adam", "lr_schedule": "plateau", "warmup_steps": 0, "clip_grad_norm": 0.0}
-_ROFORMER = {"loss": "l1+mrstft", "optimizer": "adamw", "lr_schedule": "cosine", "warmup_steps": 500, "clip_grad_norm": 1.0}
+# Best weights, early stopping and the plateau decay follow the validation loss (open-unmix) or
+# the validation uSDR (what MSST and demucs select on).
+RECIPE_KEYS = ("loss", "optimizer", "lr_schedule", "warmup_steps", "clip_grad_norm", "valid_metric")
+_OPEN_UNMIX = {"loss": "l1", "optimizer": "adam", "lr_schedule": "plateau", "warmup_steps": 0, "clip_grad_norm": 0.0,
+               "valid_metric": "loss"}
+_ROFORMER = {"loss": "l1+mrstft", "optimizer": "adamw", "lr_schedule": "cosine", "warmup_steps": 500, "clip_grad_norm": 1.0,
+             "valid_metric": "sdr"}
 RECIPES: dict[str, dict] = {
     "umx": _OPEN_UNMIX, "waveform": _OPEN_UNMIX, "custom": _OPEN_UNMIX,
     "bsroformer": _ROFORMER, "melroformer": _ROFORMER,
-    "htdemucs": {"loss": "l1", "optimizer": "adamw", "lr_schedule": "cosine", "warmup_steps": 0, "clip_grad_norm": 0.0},
+    "htdemucs": {"loss": "l1", "optimizer": "adamw", "lr_schedule": "cosine", "warmup_steps": 0, "clip_grad_norm": 0.0,
+                 "valid_metric": "sdr"},
 }
 
 
@@ -89,6 +95,9 @@ class TrainConfig:
     warmup_steps: int | None = None  # optimiser steps of linear warm-up
     clip_grad_norm: float | None = None  # 0: no clipping
     accumulate: int = 1  # batches per optimiser step
+    valid_metric: str | None = None  # VALID_METRICS: what picks the best weights
+    init_from: str | None = None  # a model folder, .pth, .th, .ckpt or demucs name: the initial weights
+    ema: float = 0.0  # decay of the weights' exponential moving average after each optimiser step; 0: none
     nb_workers: int = 0
     device: str = "auto"
     amp: str | None = None
@@ -120,6 +129,7 @@ class Plan:
     train_set: RandomDataset
     valid_set: IndexDataset | None  # None: no validation
     resume: Resumed | None = None  # the checkpoint to continue (set under the run's lock)
+    init_note: str | None = None  # what --init-from loaded
     delete: list[Path] = field(default_factory=list)  # an earlier run's files (--force)
 
     @property
@@ -165,6 +175,12 @@ def prepare(config: TrainConfig) -> Plan:
     valid_meta = None if config.valid is None else open_cache(config.valid, expect=s, check_stale=not config.allow_stale)
     torch.manual_seed(config.seed)  # the initial weights; the same on every rank
     model, spec = build_model(config, meta)
+    if config.valid_metric == "sdr" and spec.kind != "waveform":
+        raise UsageError(None, f"--valid-metric sdr needs a waveform model: {config.model} estimates magnitudes, which have no "
+                               "waveform to score without the phase and Wiener filtering of separate; use --valid-metric loss")
+    init_note = None
+    if config.init_from is not None:
+        init_note = _init_weights(config, model)
     # built before anything is written, so a missing target fails early; the loop trains on them
     train_set, valid_set = _datasets(config, spec.kind, meta, valid_meta)
     files = _run_files(config)
@@ -175,7 +191,19 @@ def prepare(config: TrainConfig) -> Plan:
                       "this one loads in umxtools only", stacklevel=2)
     info = RunInfo(files, spec, config.args(), config.command, s.sample_rate, s.n_fft, s.n_hop, config.nb_channels,
                    loss_name(spec.kind, config.loss), cache_identity(meta), cache_identity(valid_meta))
-    return Plan(config, meta, valid_meta, model, info, train_set, valid_set)
+    return Plan(config, meta, valid_meta, model, info, train_set, valid_set, init_note=init_note)
+
+
+def _init_weights(config: TrainConfig, model: torch.nn.Module) -> str:
+    """``--init-from``: the matching weights copied into ``model``; the note saying what matched."""
+    from umxtools.init_weights import describe, init_from, source_state
+
+    state = source_state(config.init_from, list(config.targets), config.joint)
+    matched = init_from(model, state)
+    if not matched["loaded"]:
+        raise UsageError(None, f"--init-from {config.init_from}: no weight matches the model's names and shapes "
+                               f"({len(matched['unexpected'])} unexpected, {len(matched['mismatched'])} of another shape)")
+    return describe(config.init_from, matched)
 
 
 def with_recipe(config: TrainConfig) -> TrainConfig:
@@ -251,17 +279,22 @@ def _check_flags(c: TrainConfig) -> None:
         loss_terms(c.loss)
     except ValueError as exc:
         raise UsageError(None, f"--loss {c.loss}: {exc}") from None
-    for flag, value, known in (("--optimizer", c.optimizer, OPTIMIZERS), ("--lr-schedule", c.lr_schedule, LR_SCHEDULES)):
+    for flag, value, known in (("--optimizer", c.optimizer, OPTIMIZERS), ("--lr-schedule", c.lr_schedule, LR_SCHEDULES),
+                               ("--valid-metric", c.valid_metric, VALID_METRICS)):
         if value not in known:
             raise UsageError(None, f"unknown {flag} {value!r}; one of {', '.join(known)}")
     if c.warmup_steps < 0 or c.clip_grad_norm < 0:
         raise UsageError(None, "--warmup-steps and --clip-grad-norm must be at least 0")
     if c.accumulate < 1:
         raise UsageError(None, "--accumulate must be at least 1")
+    if not 0 <= c.ema < 1:
+        raise UsageError(None, f"--ema {c.ema:g}: the decay must be at least 0 (0: no average) and below 1")
     if c.amp is not None and c.amp not in AMP_DTYPES:
         raise UsageError(None, f"unknown --amp {c.amp!r}; one of {', '.join(AMP_DTYPES)}")
     if c.force and c.resume:
         raise UsageError(None, "--force and --resume exclude each other")
+    if c.init_from is not None and c.resume:
+        raise UsageError(None, "--init-from starts a fresh run; --resume continues one from its checkpoint: give one of them")
     for name in ("epochs", "batch_size", "samples_per_track"):
         if getattr(c, name) < 1:
             raise UsageError(None, f"--{name.replace('_', '-')} must be at least 1")

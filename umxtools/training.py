@@ -51,6 +51,7 @@ from umxtools.cache import check_cache
 from umxtools.checkpoints import plan_output, remove_stale_tmp, resume_from, rng_state, set_rng_state
 from umxtools.curves import write_curves
 from umxtools.errors import CacheError, CheckpointError, TrainingError, UmxError, UsageError
+from umxtools.evaluation import USDR_DELTA
 from umxtools.losses import EarlyStopping, loss_function
 from umxtools.model_folder import (
     Progress,
@@ -140,6 +141,8 @@ def plan_output_of(plan: Plan) -> None:
 def _start_notes(plan: Plan) -> list[str]:
     """What a user must know before the first epoch, even with ``-q``."""
     c, meta, notes = plan.config, plan.meta, []
+    if plan.init_note is not None:
+        notes.append(f"{plan.files.folder}: {plan.init_note}")
     if plan.valid_set is None:
         notes.append(f"{plan.files.folder}: no --valid: no validation; the weights kept are the last epoch's, the learning rate "
                      "decays when the training loss stops falling, and there is no early stopping (--epochs or --time-limit "
@@ -230,6 +233,9 @@ class _Trainer:
         # gradients): the smallest share, ceil(floor(n / world) / batch)
         self.nb_batches = -(-(len(plan.train_set) // ctx.world_size) // c.batch_size)
         self.total_steps = c.epochs * -(-self.nb_batches // c.accumulate)  # the cosine's length
+        # --ema: the moving average of every float parameter and buffer (from the initial weights);
+        # integer buffers (a batch-norm count) are copied as they are
+        self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if c.ema else {}
         self.progress = Progress()
         if plan.resume is not None:
             self._restore()
@@ -245,6 +251,10 @@ class _Trainer:
                 self.scaler.load_state_dict(state.scaler)
             self.es.load_state_dict(state.early_stopping)
             self.optimizer_steps = state.optimizer_steps
+            if self.ema:
+                if set(state.ema) != set(self.ema):
+                    raise KeyError("its 'ema' entry does not hold the model's weights")
+                self.ema = {k: v.to(self.device) for k, v in state.ema.items()}
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise CheckpointError(state.path, f"does not fit the model and optimiser the flags describe ({first}); "
@@ -258,7 +268,7 @@ class _Trainer:
         return checkpoint(self.plan.info, self.progress, state_dict=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                           scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict() if self.scaler.is_enabled() else {},
                           early_stopping=self.es.state_dict(), world_size=self.ctx.world_size, rng=rng_state(),
-                          optimizer_steps=self.optimizer_steps)
+                          optimizer_steps=self.optimizer_steps, ema=self.ema)
 
     def fit(self) -> None:
         c, ctx = self.config, self.ctx
@@ -291,14 +301,17 @@ class _Trainer:
             torch.manual_seed(_epoch_seed(c.seed, epoch, ctx.rank))
             t0 = time.perf_counter()
             train_loss, train_parts, samples, speed, wait = self._train_epoch(epoch)
+            valid_sdr = None
             if self.validates:
-                valid_loss, valid_parts = self._valid_epoch()
+                valid_loss, valid_parts, valid_sdr = self._valid_epoch()
                 if not math.isfinite(valid_loss):
                     raise _valid_failure(self.plan, epoch, valid_loss, train_loss, self.optimizer.param_groups[0]["lr"])
+                # --valid-metric sdr: the plateau decay and early stopping minimise -uSDR
+                score = valid_loss if valid_sdr is None else -valid_sdr
                 if c.lr_schedule == "plateau":
-                    self.scheduler.step(valid_loss)
-                stop = self.es.step(valid_loss)
-                best = valid_loss == self.es.best  # open-unmix's test
+                    self.scheduler.step(score)
+                stop = self.es.step(score)
+                best = score == self.es.best  # open-unmix's test
             else:
                 # no validation: the learning rate still decays when the training loss stops
                 # falling (the optimiser is stuck, whatever the model generalises); early stopping
@@ -308,7 +321,7 @@ class _Trainer:
                 if c.lr_schedule == "plateau":
                     self.scheduler.step(train_loss)
                 stop, best = False, True
-            row = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss, "best": best,
+            row = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss, "valid_sdr": valid_sdr, "best": best,
                    "lr": self.optimizer.param_groups[0]["lr"] * self._lr_factor(self.optimizer_steps - 1), "seconds": round(time.perf_counter() - t0, 3),
                    "samples": samples, "samples_per_s": round(speed, 2), "data_wait": round(wait, 4)}
             if len(self.targets) > 1:
@@ -322,9 +335,11 @@ class _Trainer:
                 out_of_time = distributed.all_sum([float(out_of_time)], ctx, self.device)[0] > 0
             if ctx.main:
                 self.writer.save(best, final=stop or out_of_time or epoch == c.epochs)
-            self._emit("epoch", {**row, "epochs": c.epochs, "best_epoch": p.best_epoch, "best_loss": self.es.best})
+            best_row = next(r for r in p.history if r["epoch"] == p.best_epoch)
+            self._emit("epoch", {**row, "epochs": c.epochs, "best_epoch": p.best_epoch, "best_loss": best_row["valid_loss"]})
             if stop:
-                self._emit("stop", {"epoch": epoch, "reason": f"early stopping (no better validation loss in {c.patience} epochs)"})
+                metric = "validation uSDR" if c.valid_metric == "sdr" else "validation loss"
+                self._emit("stop", {"epoch": epoch, "reason": f"early stopping (no better {metric} in {c.patience} epochs)"})
                 break
             if out_of_time:
                 self._emit("stop", {"epoch": epoch, "reason": f"time limit ({c.time_limit:g} min); --resume continues"})
@@ -345,6 +360,10 @@ class _Trainer:
 
     def _forward(self, net, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-target losses ``(targets,)`` of one batch."""
+        return self.loss_fn(self._estimate(net, x, y), y, x)
+
+    def _estimate(self, net, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The model's estimates of one batch, shaped as ``y``, in float32."""
         amp = self.config.amp
         with torch.autocast(self.device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext():
             out = net(x)
@@ -355,7 +374,7 @@ class _Trainer:
         if out.shape != y.shape:
             axes = "(batch, targets, channels, bins, frames)" if self.spec.kind == "spectrogram" else "(batch, targets, channels, samples)"
             raise ModelError(self.spec.cls, f"forward returned shape {tuple(out.shape)}, expected {tuple(y.shape)} {axes}")
-        return self.loss_fn(out.float(), y, x)
+        return out.float()
 
     def _train_epoch(self, epoch: int) -> tuple[float, list[float], int, float, float]:
         """Mean training loss (weighted by batch size, over all ranks), per-target means, samples
@@ -428,21 +447,49 @@ class _Trainer:
         for g, lr in zip(self.optimizer.param_groups, base):
             g["lr"] = lr
         self.optimizer_steps += 1
+        self._update_ema()
 
-    def _valid_epoch(self) -> tuple[float, list[float]]:
-        """Mean validation loss over the validation excerpts (whole tracks by default), all ranks."""
+    def _update_ema(self) -> None:
+        """``ema = decay * ema + (1 - decay) * w`` for every float parameter and buffer after an
+        optimiser step; other buffers take the model's value."""
+        decay = self.config.ema
+        if not decay:
+            return
+        with torch.no_grad():
+            for k, w in self.model.state_dict().items():
+                if w.is_floating_point():
+                    self.ema[k].mul_(decay).add_(w, alpha=1 - decay)
+                else:
+                    self.ema[k].copy_(w)
+
+    def _valid_epoch(self) -> tuple[float, list[float], float | None]:
+        """Mean validation loss over the validation excerpts (whole tracks by default), all ranks,
+        its per-target parts, and with ``--valid-metric sdr`` the mean uSDR over targets and
+        excerpts (None otherwise)."""
         assert self.valid_loader is not None
         self.model.eval()
         k = len(self.targets)
-        total = [0.0] * (k + 1)
+        total = [0.0] * (k + 3)  # per-target loss sums, excerpt count, uSDR sum, uSDR count
         with torch.no_grad():
             for x, y in self.valid_loader:
                 x, y = self._prepare_batch(x, y)
-                parts = self._forward(self.model, x, y)
-                total = [a + v for a, v in zip(total, [*(parts * x.shape[0]).tolist(), float(x.shape[0])])]
+                out = self._estimate(self.model, x, y)
+                parts = self.loss_fn(out, y, x)
+                sdr = usdr(y, out) if self.config.valid_metric == "sdr" else torch.zeros(0)
+                step = [*(parts * x.shape[0]).tolist(), float(x.shape[0]), float(sdr.sum()), float(sdr.numel())]
+                total = [a + v for a, v in zip(total, step)]
         total = distributed.all_sum(total, self.ctx, self.device)
         parts = [v / total[k] for v in total[:k]]
-        return sum(parts), parts
+        return sum(parts), parts, (total[k + 1] / total[k + 2] if total[k + 2] else None)
+
+
+def usdr(reference: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
+    """The MDX whole-signal SDR (:func:`umxtools.evaluation.whole_track_sdr`, same epsilon) of
+    each item and target: ``(batch, targets, channels, samples)`` -> ``(batch, targets)``, in dB."""
+    ref, est = reference.double(), estimate.double()
+    num = ref.square().sum((2, 3)) + USDR_DELTA
+    den = (ref - est).square().sum((2, 3)) + USDR_DELTA
+    return 10 * torch.log10(num / den)
 
 
 # --- files (rank 0) ----------------------------------------------------------------------------
@@ -472,9 +519,15 @@ class _RunWriter:
             self._write_derived(final=True)
 
     def _save_weights(self) -> None:
-        model = self.trainer.model
+        model, ema = self.trainer.model, self.trainer.ema
         exports = model.target_models() if self.info.files.exports else {}
-        write_weights(self.info.files, model.state_dict(), {t: part.state_dict() for t, part in exports.items()})
+        prefixes = {id(m): name for name, m in model.named_modules()}
+        ema_exports = {}
+        for t, part in exports.items():  # each part's slice of the average, under the part's own names
+            prefix = prefixes[id(part)] + "."
+            ema_exports[t] = {k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)}
+        write_weights(self.info.files, model.state_dict(), {t: part.state_dict() for t, part in exports.items()},
+                      ema, ema_exports if ema else None)
 
     def _write_derived(self, final: bool) -> None:
         write_metadata(self.info, self.trainer.progress, self.trainer.es.num_bad_epochs)

@@ -44,7 +44,7 @@ TRUST_HINT = f"if you trust this model folder, pass --trust-code (or set {TRUST_
 
 
 def load_model(source: str | Path, targets: list[str] | None = None, identity: bool = True,
-               trust_code: bool = False, config: str | Path | None = None) -> SeparationModel:
+               trust_code: bool = False, config: str | Path | None = None, ema: bool = False) -> SeparationModel:
     """A model folder or a published model name -> :class:`SeparationModel` on the CPU, in eval mode.
 
     Args:
@@ -55,6 +55,8 @@ def load_model(source: str | Path, targets: list[str] | None = None, identity: b
         trust_code: import the Python file or module a ``model.json`` names outside ``umxtools``.
         config: an MSST YAML config; ``source`` is then its ``.ckpt``. A demucs ``.th`` file or
             name (``htdemucs``, ``htdemucs_ft``, ...) needs none (:mod:`umxtools.models.foreign`).
+        ema: a trained folder's EMA weights (``ema_weights`` of its JSON files, ``train --ema``)
+            instead of its raw weights; refused for any other source.
     Raises :class:`ModelError` for an unknown name, a folder that is not a model, missing weights;
     :class:`UntrustedCodeError` for a folder that would run code without ``trust_code``;
     :class:`UnsafeNameError` for a target or file name that would leave the folder.
@@ -64,6 +66,8 @@ def load_model(source: str | Path, targets: list[str] | None = None, identity: b
     for t in targets or []:
         fileio.check_name(t, "target", "--targets")
     path = Path(source).expanduser()
+    if ema and not path.is_dir():
+        raise ModelError(source, "--ema takes the EMA weights of a model folder trained with train --ema; this is not a folder")
     if config is not None or path.suffix in (".th", ".ckpt") or str(source) in foreign.DEMUCS_NAMES:
         if config is not None or path.suffix == ".ckpt":
             if config is None:
@@ -74,9 +78,9 @@ def load_model(source: str | Path, targets: list[str] | None = None, identity: b
         if not path.is_dir():
             raise ModelError(path, "is a file; a model is a folder (model.json or separator.json + <target>.pth)")
         if (path / MODEL_JSON).exists():
-            model = _load_umxtools_folder(path, targets, trust_code)
+            model = _load_umxtools_folder(path, targets, trust_code, ema)
         elif (path / SEPARATOR_JSON).exists():
-            model = _load_openunmix_folder(path, targets)
+            model = _load_openunmix_folder(path, targets, ema)
         else:
             raise ModelError(path, "not a model folder: it has neither model.json nor separator.json")
         if identity:
@@ -95,13 +99,24 @@ def _weight_files(model: SeparationModel, folder: Path) -> list[Path]:
 # --- open-unmix's layout ---------------------------------------------------------------------------
 
 
-def _load_openunmix_folder(folder: Path, targets: list[str] | None) -> SeparationModel:
+def _ema_weights(folder: Path, meta_path: Path) -> Path:
+    """The EMA weights a ``model.json`` or ``<target>.json`` names (``ema_weights``), checked."""
+    name = model_folder.read_json(meta_path).get("ema_weights") if meta_path.is_file() else None
+    if not isinstance(name, str):
+        raise ModelError(meta_path, "names no EMA weights (trained without train --ema); drop --ema")
+    path = fileio.safe_child(folder, name, "EMA weights file", meta_path)
+    if not path.is_file():
+        raise ModelError(folder, f"has no EMA weights file {name}")
+    return path
+
+
+def _load_openunmix_folder(folder: Path, targets: list[str] | None, ema: bool = False) -> SeparationModel:
     conf = model_folder.read_separator(folder)
     # every target is a checked plain name from here on: <target>.pth and <target>.json stay in the folder
     chosen = select_targets(conf.targets, targets, folder)
     models, weights = {}, []
     for target in chosen:
-        path = model_folder.weights_path(folder, target)
+        path = _ema_weights(folder, folder / f"{target}.json") if ema else model_folder.weights_path(folder, target)
         if path is None:
             raise ModelError(folder, f"has no weights for target {target!r} ({target}.pth)")
         state = load_state(path)
@@ -128,7 +143,7 @@ def builtin_spec(spec: str) -> bool:
             and all(part.isidentifier() for part in module_name.split(".")) and class_name.isidentifier())
 
 
-def _load_umxtools_folder(folder: Path, targets: list[str] | None, trust_code: bool = False) -> SeparationModel:
+def _load_umxtools_folder(folder: Path, targets: list[str] | None, trust_code: bool = False, ema: bool = False) -> SeparationModel:
     meta = model_folder.read_model_json(folder)
     spec, kind, available = meta.spec.cls, meta.spec.kind, meta.targets
     chosen = select_targets(available, targets, folder)
@@ -145,7 +160,7 @@ def _load_umxtools_folder(folder: Path, targets: list[str] | None, trust_code: b
         raise ModelError(spec, f"cannot construct with {json.dumps(args, sort_keys=True)} ({exc})") from exc
     except Exception as exc:  # user code: any failure is one line, not a traceback
         raise ModelError(spec, f"constructor failed: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
-    weights = meta.weights
+    weights = _ema_weights(folder, meta.path) if ema else meta.weights
     if not weights.is_file():
         raise ModelError(folder, f"has no weights file {weights.name}")
     state = load_state(weights)
