@@ -56,22 +56,24 @@ def test_ema_follows_the_recursion_and_resumes_exactly(toy_cache, tmp_path):
     assert all(torch.equal(ema[k], b["ema"][k]) for k in ema)
     assert not all(torch.equal(ema[k], b["state_dict"][k]) for k in ema)
 
-    saved = torch.load(full / "vocals.ema.pth", weights_only=True)  # no --valid: every epoch is kept
+    saved = torch.load(full / "ema.vocals.pth", weights_only=True)  # no --valid: every epoch is kept
     assert all(torch.equal(saved[k], ema[k]) for k in ema)
-    assert json.loads((full / "vocals.json").read_text())["ema_weights"] == "vocals.ema.pth"
+    assert json.loads((full / "vocals.json").read_text())["ema_weights"] == "ema.vocals.pth"
+    # open-unmix's loader takes the first `<target>*.pth` it globs: only the raw weights match
+    assert sorted(full.glob("vocals*.pth")) == [full / "vocals.pth"]
 
 
 def test_separate_loads_the_raw_weights_unless_ema(toy_cache, tmp_path):
     out = tmp_path / "m"
     train(_config(toy_cache, out, epochs=1))
     raw, ema = load_model(out, identity=False), load_model(out, identity=False, ema=True)
-    saved = torch.load(out / "vocals.ema.pth", weights_only=True)
+    saved = torch.load(out / "ema.vocals.pth", weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in ema.umx["vocals"].state_dict().items())
     assert not torch.equal(raw.umx["vocals"].fc1.weight, ema.umx["vocals"].fc1.weight)
 
     plain = tmp_path / "plain"
     train(TrainConfig(cache=toy_cache, valid=None, output=plain, epochs=1, **{**FLAGS, "ema": 0.0}))
-    assert not (plain / "vocals.ema.pth").exists()
+    assert not (plain / "ema.vocals.pth").exists()
     assert json.loads((plain / "vocals.json").read_text())["ema_weights"] is None
     with pytest.raises(ModelError, match="names no EMA weights"):
         load_model(plain, ema=True)
@@ -81,12 +83,12 @@ def test_separate_loads_the_raw_weights_unless_ema(toy_cache, tmp_path):
 def test_a_joint_run_exports_each_targets_ema(toy_cache, tmp_path):
     out = tmp_path / "joint"
     train(_config(toy_cache, out, epochs=1, targets=("vocals", "drums"), joint=True))
-    whole = torch.load(out / "model.ema.pth", weights_only=True)
-    assert json.loads((out / "model.json").read_text())["ema_weights"] == "model.ema.pth"
+    whole = torch.load(out / "ema.model.pth", weights_only=True)
+    assert json.loads((out / "model.json").read_text())["ema_weights"] == "ema.model.pth"
     for i, t in enumerate(("vocals", "drums")):
-        part = torch.load(out / f"{t}.ema.pth", weights_only=True)
+        part = torch.load(out / f"ema.{t}.pth", weights_only=True)
         assert set(part) == set(torch.load(out / f"{t}.pth", weights_only=True))
         assert all(torch.equal(v, whole[f"models.{i}.{k}"]) for k, v in part.items())
-        assert json.loads((out / f"{t}.json").read_text())["ema_weights"] == f"{t}.ema.pth"
+        assert json.loads((out / f"{t}.json").read_text())["ema_weights"] == f"ema.{t}.pth"
     model = load_model(out, identity=False, ema=True)
     assert torch.equal(model.umx["drums"].fc1.weight, whole["models.1.fc1.weight"])

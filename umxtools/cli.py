@@ -491,7 +491,7 @@ def _key_values(items: tuple[str, ...], flag: str) -> dict:
                    "custom); sdr (roformers, htdemucs)].")
 @click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, metavar="DECAY",
               help="Also keep the weights' exponential moving average (DECAY per optimiser step; 0: off; e.g. 0.999 for "
-                   "roformers), saved as <run>.ema.pth; separate --ema uses it.")
+                   "roformers), saved as ema.<run>.pth; separate --ema uses it.")
 @click.option("--nb-workers", type=click.IntRange(min=0), default=0, show_default=True, help="Loader worker processes.")
 # the precision list mirrors umxtools.training.AMP_DTYPES, written out so that `umxtools --help`
 # does not import torch; the library checks it (and the device) again
@@ -708,7 +708,7 @@ def report_command(scores: tuple[str, ...], output: Path, agg: str, plots: bool,
 @click.option("--trust-code", is_flag=True, envvar="UMXTOOLS_TRUST_CODE",
               help="Run the Python code a model folder's model.json names (its own .py file or a module outside umxtools); "
                    "only for model folders you trust. Env: UMXTOOLS_TRUST_CODE=1.")
-@click.option("--ema", is_flag=True, help="A trained model folder's EMA weights (<run>.ema.pth, train --ema) instead of its raw weights.")
+@click.option("--ema", is_flag=True, help="A trained model folder's EMA weights (ema.<run>.pth, train --ema) instead of its raw weights.")
 @_quiet_option
 def separate_command(inputs: tuple[Path, ...], list_file: str | None, out: Path, model: str | None, model_config: Path | None, targets: str | None, niter: int,
                      softmask: bool, residual: bool, wiener_win_len: int, aggregate: tuple[str, ...], segment: float | None,

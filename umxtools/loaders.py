@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -170,6 +171,15 @@ class _CacheDataset(torch.utils.data.Dataset):
             info = d.id.get_chunk_info(i)
             views[info.chunk_offset[axis] // length] = np.ndarray(d.chunks, d.dtype, buffer=self._map, offset=info.byte_offset)
         return None if any(v is None for v in views) else views
+
+    def _drop_mapped_pages(self) -> None:
+        """Unmap the pages of the cache read so far (they are read again from the file, or the
+        page cache, when needed). A whole-track pass reads every track once: without this the
+        process's resident size grows by each track's size (file pages of the memory map, counted
+        by ``ps``, ``/usr/bin/time`` and a job's memory limit alike)."""
+        mapped = getattr(self._map, "_mmap", None)
+        if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapped.madvise(mmap.MADV_DONTNEED)
 
     def _excerpt(self, track) -> tuple[int, int]:
         """(offset unit, excerpt length) in stored units: hops and samples, or frames and frames."""
@@ -340,6 +350,7 @@ class IndexDataset(_CacheDataset):
         t = self.meta.tracks[i]
         if self.seq_frames is None:
             _release_freed_memory()  # the previous track's buffers
+            self._drop_mapped_pages()
         step, length = self._excerpt(t)
         mix = self._read(t, MIXTURE, frame * step, length, name="mix")
         ys = []

@@ -44,7 +44,9 @@ CHECKPOINT_VERSION = 1
 MODEL_RUN = "model"  # the run name of joint, waveform and custom models
 MODEL_JSON = f"{MODEL_RUN}.json"
 SEPARATOR_JSON = "separator.json"
-EMA_SUFFIX = ".ema.pth"  # <run>.ema.pth, <target>.ema.pth: the EMA weights beside <run>.pth
+# ema.<run>.pth, ema.<target>.pth: the EMA weights beside <run>.pth; a prefix, not a suffix, so that
+# open-unmix's loader (it globs <target>*.pth) never picks them instead of the raw weights
+EMA_PREFIX = "ema."
 HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_sdr", "best", "lr", "seconds", "samples", "samples_per_s", "data_wait")
 # the flags a resumed run must share with its checkpoint (TrainConfig.args() names)
 IDENTITY_FLAGS = ("targets", "nb_channels", "seq_dur", "valid_seq_dur", "samples_per_track", "source_augmentations",
@@ -73,8 +75,8 @@ class RunFiles:
 
     @property
     def ema_weights(self) -> Path:
-        """``<run>.ema.pth``: the weights' moving average (``--ema``), beside the raw weights."""
-        return self.folder / f"{self.name}{EMA_SUFFIX}"
+        """``ema.<run>.pth``: the weights' moving average (``--ema``), beside the raw weights."""
+        return self.folder / f"{EMA_PREFIX}{self.name}.pth"
 
     @property
     def checkpoint(self) -> Path:
@@ -106,7 +108,7 @@ class RunFiles:
         return self.folder / f"{target}.pth"
 
     def export_ema_weights(self, target: str) -> Path:
-        return self.folder / f"{target}{EMA_SUFFIX}"
+        return self.folder / f"{EMA_PREFIX}{target}.pth"
 
     def export_metadata(self, target: str) -> Path:
         return self.folder / f"{target}.json"
@@ -500,7 +502,7 @@ def save_torch(path: Path, obj) -> None:
 def write_weights(files: RunFiles, state_dict: dict, exports: dict[str, dict], ema: dict | None = None,
                   ema_exports: dict[str, dict] | None = None) -> None:
     """``<run>.pth``, and each exported target's ``<target>.pth`` (joint models); with ``--ema``
-    the moving averages beside them (``<run>.ema.pth``, ``<target>.ema.pth``)."""
+    the moving averages beside them (``ema.<run>.pth``, ``ema.<target>.pth``)."""
     save_torch(files.weights, state_dict)
     for t, part in exports.items():
         save_torch(files.export_weights(t), part)
