@@ -239,6 +239,7 @@ def test_a_requeued_eval_array_task_finishes_the_job(slurm, toy_root, tmp_path):
             requeued = running
         time.sleep(0.1)
     assert requeued, "no task was caught between its two tracks"
+    _start_now_once_pending(requeued)
     while _squeue(job) and time.monotonic() < deadline:
         time.sleep(1)
     assert not _squeue(job), "the requeued job did not finish"
@@ -248,6 +249,17 @@ def test_a_requeued_eval_array_task_finishes_the_job(slurm, toy_root, tmp_path):
     b = {k: json.loads(v)["targets"] for k, v in _tree(scores, "[!.]*.json").items()}
     assert len(a) == 4 and a == b
     assert not [p for p in scores.rglob(".*") if p.name.endswith((".tmp", ".lock"))]
+
+
+def _start_now_once_pending(tasks: list[str]) -> None:
+    """A requeued job waits about two minutes before it may start again (Slurm's begin time):
+    once each task is pending again, let it start now (the test is about the rerun, not the wait)."""
+    for task in tasks:
+        for _ in range(300):
+            if _job_state(task) == "PENDING":
+                break
+            time.sleep(0.1)
+        subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=False, capture_output=True, timeout=60)
 
 
 def _job_state(job: str) -> str:
@@ -278,12 +290,7 @@ def test_separate_array_task_requeued_mid_track_finishes_the_job(slurm, toy_root
         assert time.monotonic() < deadline, "the task did not start a track"
         time.sleep(0.01)
     subprocess.run(["scontrol", "requeue", task], check=True, timeout=60)
-    # a requeued job waits about two minutes before it may start again: once it is pending, now
-    for _ in range(300):
-        if _job_state(task) == "PENDING":
-            break
-        time.sleep(0.1)
-    subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True, capture_output=True, timeout=60)
+    _start_now_once_pending([task])
     waited = subprocess.run(["sbatch", "--wait", "--quiet", "--kill-on-invalid-dep=yes", f"--dependency=afterok:{job}",
                              "--output=/dev/null", "--wrap", "true"], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=600)
