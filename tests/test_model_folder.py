@@ -31,7 +31,7 @@ def _info(folder: Path) -> mf.RunInfo:
     files = mf.RunFiles(folder, mf.MODEL_RUN, exports=tuple(TARGETS))
     flags = {"targets": TARGETS, "nb_channels": 2, "seq_dur": 1.0, "valid_seq_dur": None, "samples_per_track": 2,
              "source_augmentations": ["gain"], "random_track_mix": True, "batch_size": 4, "lr": 1e-3, "weight_decay": 1e-5,
-             "lr_decay_patience": 80, "lr_decay_gamma": 0.3, "patience": 140, "seed": 42}
+             "lr_decay_patience": 80, "lr_decay_gamma": 0.3, "patience": 140, "seed": 42, **mf.IDENTITY_BEFORE_RECIPE}
     cache = {"path": "/caches/train.h5", "tracks": 3, "dataset": {"kind": "musdb"}, "fingerprint": "0123456789abcdef"}
     return mf.RunInfo(files, mf.ModelSpec(JOINT, ARGS, "spectrogram"), flags, ["umxtools", "train"], 44100, 4096, 1024, 2,
                       "mse", cache, None)
@@ -91,7 +91,7 @@ def test_checkpoint_written_reads_back(tmp_path):
     info, progress = _info(tmp_path), _progress()
     es = {"patience": 140, "best": None, "num_bad_epochs": 0}
     payload = mf.checkpoint(info, progress, state_dict={"w": torch.ones(2)}, optimizer={"state": {}}, scheduler={"best": 1.0},
-                            scaler={}, early_stopping=es, world_size=1, rng=rng_state())
+                            scaler={}, early_stopping=es, world_size=1, rng=rng_state(), optimizer_steps=4, ema={})
     mf.save_torch(info.files.checkpoint, payload)
     state = mf.load_checkpoint(info.files.checkpoint)
     assert state["epoch"] == 3 and state["epochs_trained"] == 2  # open-unmix's epoch is the next one
@@ -191,7 +191,7 @@ def test_a_checkpoint_without_an_entry_names_it(tmp_path, key):
     info = _info(tmp_path)
     es = {"patience": 140, "best": None, "num_bad_epochs": 0}
     state = mf.checkpoint(info, _progress(), state_dict={}, optimizer={}, scheduler={}, scaler={}, early_stopping=es,
-                          world_size=1, rng=rng_state())
+                          world_size=1, rng=rng_state(), optimizer_steps=0, ema={})
     del state[key]
     with pytest.raises(CheckpointError) as exc:
         mf.resumed(info.files.checkpoint, state)
