@@ -53,6 +53,11 @@ CHECK = @$(if $(LAYOUT),,echo "umxtools: error: $(DATA): no MUSDB18 dataset (MUS
 	$(if $(IS_TOY),,$(foreach d,$(CACHE_DIR) $(MODELS_DIR) $(EVAL_DIR),$(if $(filter $(abspath $(DATA))/%,$(abspath $(d))/),echo "umxtools: error: $(d): inside the dataset $(DATA); outputs never go into DATA" >&2; exit 1;))) :
 
 UMX = $(PYTHON) -m umxtools
+# one target: Wiener EM needs a second output, the rest of the mixture (open-unmix's --residual)
+RESIDUAL = $(if $(word 2,$(subst $(comma), ,$(TARGETS))),,--residual)
+# and what is scored: BSSEval scores two or more targets jointly, so a vocals model is scored with
+# its residual, written as accompaniment (the oracles write the same two)
+SCORED = $(if $(RESIDUAL),$(if $(filter vocals,$(TARGETS)),vocals$(comma)accompaniment,$(TARGETS)),$(TARGETS))
 
 .PHONY: install slurm demo test bench data train eval clean-data FORCE
 # keep the .complete markers of the pattern rules (they are what makes reruns incremental)
@@ -132,16 +137,16 @@ eval: $(RUN)/report/report.md
 
 $(RUN)/estimates/umx/.complete: $(MODEL)/separator.json $(SOURCE) $(TEST_INPUT)
 	rm -rf $(@D)
-	$(UMX) separate $(DATA)/test --model $(MODEL) --targets $(TARGETS) -o $(@D)/test -q
+	$(UMX) separate $(DATA)/test --model $(MODEL) --targets $(TARGETS) $(RESIDUAL) -o $(@D)/test -q
 	touch $@
 
 $(RUN)/estimates/%/.complete: $(SOURCE) $(TEST_INPUT)
 	rm -rf $(@D)
-	$(UMX) oracle --musdb $(DATA) $(IS_WAV) --method $* --targets $(TARGETS) -o $(@D)
+	$(UMX) oracle --musdb $(DATA) $(IS_WAV) --method $* --targets $(SCORED) -o $(@D)
 	touch $@
 
 $(RUN)/scores/%/.complete: $(RUN)/estimates/%/.complete
-	$(UMX) eval $(RUN)/estimates/$* --musdb $(DATA) $(IS_WAV) --targets $(TARGETS) -o $(@D) --jobs $(JOBS) -q
+	$(UMX) eval $(RUN)/estimates/$* --musdb $(DATA) $(IS_WAV) --targets $(SCORED) -o $(@D) --jobs $(JOBS) -q
 	touch $@
 
 $(RUN)/report/report.md: $(RUN)/scores/umx/.complete $(foreach m,$(ORACLES),$(RUN)/scores/$(m)/.complete)
