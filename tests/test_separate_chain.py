@@ -25,7 +25,7 @@ def _readme_chain() -> str:
     section = text[text.index("## `umxtools separate`"):]
     section = section[:section.index("\n## ")]
     blocks = [b.split("```", 1)[0] for b in section.split("```sh\n")[1:]]
-    return next(b for b in blocks if "--target vocals" in b)
+    return next(b for b in blocks if "--targets vocals" in b)
 
 
 def test_readme_single_target_chain_runs_as_written(tmp_path):
