@@ -128,3 +128,16 @@ def modes(folder: Path) -> dict[str, int]:
     import stat
 
     return {p.relative_to(folder).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: tiny models and open-unmix's EM (a Python loop of small
+    tensor operations) on a shared 2-core machine, where a second thread spin-waiting for a busy
+    core made an LSTM step 10-100x slower and the EM cases 41 s instead of 1.5 s."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

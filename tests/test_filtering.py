@@ -22,14 +22,7 @@ SHAPES = [(10, 10), (230, 127)]  # (frames, bins)
 CASES = list(itertools.product(SHAPES, [1, 2], [1, 2, 3], [0, 1, 2], [False, True], [False, True]))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # open-unmix's EM is a Python loop of small tensor operations: on a loaded 2-core machine its
-    # intra-op threads made these cases 10-30 times slower (measured: 41 s against 1.5 s)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def inputs(nb_frames, nb_bins, nb_channels, nb_sources, dtype=torch.float32, seed=0):

@@ -26,14 +26,7 @@ TEMPLATE = REPO / "examples" / "template_model.py"
 TINY = ("--hidden-size", "16", "--seq-dur", "1", "--samples-per-track", "2", "--batch-size", "4", "--epochs", "2")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these models are tiny, and on a shared 2-core machine a second thread
-    spin-waiting for a busy core makes an LSTM step 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train(run_cli, cache, out, *flags, quiet: bool = True):

@@ -25,13 +25,7 @@ from umxtools.toy import make_toy_dataset
 TINY = ("--hidden-size", "16", "--seq-dur", "1", "--samples-per-track", "2", "--batch-size", "4", "--epochs", "2")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: tiny models on a shared 2-core machine (see tests/test_train.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _files(folder: Path) -> dict[str, bytes]:

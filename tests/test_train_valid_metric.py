@@ -18,12 +18,7 @@ WAVE = {"model": "waveform", "model_args": {"channels": 8, "depth": 3, "lstm_lay
         "samples_per_track": 2, "batch_size": 4, "epochs": 3, "lr": 3e-3}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_usdr_is_the_evaluations():
