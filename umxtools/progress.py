@@ -135,6 +135,8 @@ class TrainProgress:
             validated = info["valid_loss"] is not None  # None: training without --valid
             mark = "  best" if info["best"] and validated else ""
             valid = f"  valid {info['valid_loss']:.5g}" if validated else ""
+            if validated and info.get("valid_sdr") is not None:  # --valid-metric sdr: what picks the best weights
+                valid += f"  uSDR {info['valid_sdr']:.2f} dB"
             stderr.print(f"epoch {info['epoch']}/{info['epochs']}  train {info['train_loss']:.5g}{valid}  "
                          f"lr {info['lr']:.2g}  {info['seconds']:.1f} s  {info['samples_per_s']:.1f} samples/s  "
                          f"data wait {100 * info['data_wait']:.0f}%{mark}", highlight=False, soft_wrap=True)
