@@ -57,6 +57,13 @@ class MsstConfig:
     batch_size: int | None = None
     sections: dict = field(default_factory=dict, repr=False)
 
+    @property
+    def inference_chunk_size(self) -> int | None:
+        """Samples per inference window: ``inference: chunk_size`` when set (MSST prefers it), else ``audio:``'s."""
+        inference = self.sections.get("inference")
+        chunk = inference.get("chunk_size") if isinstance(inference, dict) else None
+        return _int(self.path, inference, "chunk_size") if chunk is not None else self.chunk_size
+
     def architecture(self) -> str:
         """``bs_roformer`` or ``mel_band_roformer``, from the model section's band arguments."""
         if "num_bands" in self.model:

@@ -206,8 +206,7 @@ def msst_separation_model(checkpoint: str | Path, config: str | Path, targets: l
         raise ModelError(config, "needs audio: sample_rate and chunk_size (MSST's inference reads them)")
     available = conf.targets or [f"stem{i}" for i in range(module.num_stems)]
     chosen = select_targets(available, targets, config)
-    chunk = conf.sections.get("inference", {}).get("chunk_size") or conf.chunk_size  # MSST prefers inference: chunk_size
-    segmenting = {"rule": "msst", "chunk_size": int(chunk), "num_overlap": conf.num_overlap or 4, "batch_size": conf.batch_size or 1}
+    segmenting = {"rule": "msst", "chunk_size": conf.inference_chunk_size, "num_overlap": conf.num_overlap or 4, "batch_size": conf.batch_size or 1}
     ident = {"source": str(Path(checkpoint).resolve()), "format": "msst", "class": ARCHITECTURES[architecture],
              "args": dict(conf.model), "config": str(Path(config).resolve()), "segmenting": segmenting}
     if identity:
