@@ -18,13 +18,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
 from umxtools import __version__, evaluation, oracle, pretrained, references, report, stems
 from umxtools.errors import UmxError
 from umxtools.interrupts import Interrupted
-from umxtools.models import DEMUCS_NAMES
+from umxtools.models import DEMUCS_NAMES, MODELS
 from umxtools.progress import TrainProgress, counter_bar, file_bars, note, stderr
 
 
@@ -442,9 +443,15 @@ def _key_values(items: tuple[str, ...], flag: str) -> dict:
 @click.option("--target", default=None, hidden=True)
 @_targets_option("vocals; a target may be a sum, drums+bass; several: with --joint, or waveform and custom models", alias=False)
 @click.option("--joint", is_flag=True, help="One UMX per target in one model, loss summed over targets (OpenUnmixJoint).")
-@click.option("--model", default="umx", show_default=True, callback=_train_model_spec,
-              help="umx (Open-Unmix), waveform (Demucs v2, time domain) or MODULE:CLASS / path/file.py:CLASS (see examples/template_model.py).")
-@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Constructor argument of a waveform or custom model; repeatable.")
+@click.option("--model", default="umx", callback=_train_model_spec,
+              help=f"A family: {', '.join(MODELS)} (docs/models.md: Open-Unmix, Demucs v2, the RoFormers, HTDemucs), "
+                   "or MODULE:CLASS / path/file.py:CLASS (see examples/template_model.py) "
+                   "[default: umx; with --model-config the config's].")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+              help="Constructor argument of a model other than umx (overrides --model-config's); repeatable.")
+@click.option("--model-config", default=None, type=click.Path(dir_okay=False), metavar="CONFIG.yaml",
+              help="An MSST (Music-Source-Separation-Training) YAML: the RoFormer family, its arguments and, unless given, "
+                   "--targets, --nb-channels and --seq-dur; not its optimiser settings (see docs/train.md).")
 @click.option("--nfft", type=click.IntRange(min=16), default=None, help="STFT size the cache must have [default: the cache's].")
 @click.option("--nhop", type=click.IntRange(min=1), default=None, help="STFT hop the cache must have [default: the cache's].")
 @click.option("--nb-channels", type=click.IntRange(1, 2), default=2, show_default=True, help="1: the model sees the channel mean.")
@@ -517,10 +524,14 @@ def train(cache: Path, valid: Path | None, output: Path, target: str | None, tar
     if flags["force"] and flags["resume"]:
         raise click.UsageError("--force and --resume exclude each other")
     names = _csv(targets) if targets is not None else [target or "vocals"]
+    ctx = click.get_current_context()  # which flags a --model-config fills in: those left out
+    given = [name for name in ("model", "nb_channels", "seq_dur") if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
+    if targets is not None or target is not None:
+        given.append("targets")
     augmentations = [] if source_augmentations.strip() == "none" else _csv(source_augmentations)
     config = TrainConfig(cache=cache, valid=valid, output=output, targets=tuple(names), source_augmentations=tuple(augmentations),
                          model_args=_key_values(model_args, "--model-arg"), valid_seq_dur=valid_seq_dur or None,
-                         command=["umxtools", *sys.argv[1:]], **flags)
+                         command=["umxtools", *sys.argv[1:]], given=tuple(given), **flags)
     rank = from_env().rank
     try:
         if rank != 0:

@@ -169,6 +169,7 @@ class RunInfo:
     loss: str
     cache: dict  # cache_identity() of the training cache
     valid_cache: dict | None  # of the validation cache; None: no validation
+    segmenting: dict | None = None  # how separate runs the model (model.json's key); None: the class's rule
 
     @property
     def targets(self) -> list[str]:
@@ -274,7 +275,7 @@ def trained_model_json(info: RunInfo, progress: Progress, num_bad_epochs: int) -
     training = {"args": info.flags, "loss": info.loss, **_summary(info, progress, num_bad_epochs)}
     return model_json(info.spec, info.targets, info.files.weights.name, info.sample_rate, info.nb_channels, info.command,
                       n_fft=info.n_fft, n_hop=info.n_hop, training=training, cache=info.cache, valid_cache=info.valid_cache,
-                      ema_weights=info.files.ema_weights.name if info.flags.get("ema") else None)
+                      ema_weights=info.files.ema_weights.name if info.flags.get("ema") else None, segmenting=info.segmenting)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ from umxtools.errors import CacheError, OutputError, UmxError, UsageError
 from umxtools.loaders import IndexDataset, RandomDataset
 from umxtools.losses import loss_name, loss_terms
 from umxtools.model_folder import MODEL_RUN, ModelSpec, Resumed, RunFiles, RunInfo, cache_identity
-from umxtools.models import JOINT, MODELS, ModelError, OpenUnmix, OpenUnmixJoint, load_class, spec_of
+from umxtools.models import JOINT, MODELS, OFFERED_ARGS, ModelError, OpenUnmix, OpenUnmixJoint, load_class, spec_of
+from umxtools.msst import MsstConfig, read_msst_config
 from umxtools.transforms import bandwidth_to_max_bin
 
 AUGMENTATIONS = ("gain", "channelswap")
@@ -49,6 +51,15 @@ _OPEN_UNMIX = {"loss": "l1", "optimizer": "adam", "lr_schedule": "plateau", "war
                "valid_metric": "loss"}
 _ROFORMER = {"loss": "l1+mrstft", "optimizer": "adamw", "lr_schedule": "cosine", "warmup_steps": 500, "clip_grad_norm": 1.0,
              "valid_metric": "sdr"}
+# --model-config: MSST's architecture -> the family it trains (msst.ARCHITECTURES names the same classes)
+MSST_FAMILIES = {"bs_roformer": "bsroformer", "mel_band_roformer": "melroformer"}
+# the flags an MSST config fills in when they are left out (TrainConfig names)
+CONFIG_FLAGS = ("model", "targets", "nb_channels", "seq_dur")
+# MSST's constructor arguments umxtools sets itself: num_stems from --targets, stereo from --nb-channels
+_MSST_OWN = ("num_stems", "stereo")
+# the families separated with MSST's chunked rule (umxtools.segments.MsstPlan), and its default overlap
+MSST_SEGMENTED = (MODELS["bsroformer"], MODELS["melroformer"])
+MSST_NUM_OVERLAP = 4  # MSST's inference default
 RECIPES: dict[str, dict] = {
     "umx": _OPEN_UNMIX, "waveform": _OPEN_UNMIX, "custom": _OPEN_UNMIX,
     "bsroformer": _ROFORMER, "melroformer": _ROFORMER,
@@ -68,6 +79,7 @@ class TrainConfig:
     joint: bool = False
     model: str = "umx"  # a MODELS name or MODULE:CLASS
     model_args: dict = field(default_factory=dict)
+    model_config: str | None = None  # an MSST YAML: the model's family and arguments, targets, channels, excerpt length
     nfft: int | None = None  # None: the cache's
     nhop: int | None = None
     nb_channels: int = 2
@@ -106,6 +118,8 @@ class TrainConfig:
     resume: bool = False
     allow_stale: bool = False
     command: list[str] | None = None
+    # the CONFIG_FLAGS set explicitly (the CLI says which); None: those that differ from the defaults
+    given: tuple[str, ...] | None = None
 
     def args(self) -> dict:
         """The flags as JSON (recorded in ``<target>.json`` / ``model.json``)."""
@@ -114,6 +128,7 @@ class TrainConfig:
             d[k] = None if d[k] is None else str(d[k])
         d["targets"], d["source_augmentations"] = list(self.targets), list(self.source_augmentations)
         d.pop("command")
+        d.pop("given")
         return d
 
 
@@ -156,7 +171,9 @@ def pick_device(name: str, ctx: distributed.Context | None = None) -> torch.devi
 def prepare(config: TrainConfig) -> Plan:
     """Check the caches, targets, settings and model; build the model and the datasets. Reads no
     output file: :func:`umxtools.training.plan_output_of` decides, under the run's lock, what the
-    output folder's files mean. The plan's config has the family's recipe filled in."""
+    output folder's files mean. The plan's config has the MSST config read in
+    (:func:`with_model_config`) and the family's recipe filled in."""
+    config, msst = with_model_config(config)
     config = with_recipe(config)
     _check_flags(config)
     for path in (config.cache, config.valid):
@@ -172,6 +189,8 @@ def prepare(config: TrainConfig) -> Plan:
                                         f"rebuild the cache with {flag} {want} or drop the flag")
     if not any(MIXTURE in t.roles for t in meta.tracks):
         raise UsageError(meta.path, "has no mixture statistics (a source-folder cache); the model's input normalisation needs them")
+    if msst is not None:
+        _check_config_rate(msst, meta)
     valid_meta = None if config.valid is None else open_cache(config.valid, expect=s, check_stale=not config.allow_stale)
     torch.manual_seed(config.seed)  # the initial weights; the same on every rank
     model, spec = build_model(config, meta)
@@ -190,7 +209,8 @@ def prepare(config: TrainConfig) -> Plan:
         warnings.warn(f"{files.folder}: open-unmix's load_separator rebuilds only 3-layer bidirectional UMX models; "
                       "this one loads in umxtools only", stacklevel=2)
     info = RunInfo(files, spec, config.args(), config.command, s.sample_rate, s.n_fft, s.n_hop, config.nb_channels,
-                   loss_name(spec.kind, config.loss), cache_identity(meta), cache_identity(valid_meta))
+                   loss_name(spec.kind, config.loss), cache_identity(meta), cache_identity(valid_meta),
+                   segmenting=_segmenting(config, spec, msst, s.sample_rate))
     return Plan(config, meta, valid_meta, model, info, train_set, valid_set, init_note=init_note)
 
 
@@ -204,6 +224,74 @@ def _init_weights(config: TrainConfig, model: torch.nn.Module) -> str:
         raise UsageError(None, f"--init-from {config.init_from}: no weight matches the model's names and shapes "
                                f"({len(matched['unexpected'])} unexpected, {len(matched['mismatched'])} of another shape)")
     return describe(config.init_from, matched)
+
+
+def with_model_config(config: TrainConfig) -> tuple[TrainConfig, MsstConfig | None]:
+    """``config`` with its MSST YAML (``model_config``) read in, and the config as read (None
+    without one).
+
+    The YAML gives the family (``bs_roformer`` -> ``bsroformer``, ``mel_band_roformer`` ->
+    ``melroformer``), the constructor arguments of ``model:`` (without ``num_stems`` and ``stereo``,
+    which follow the targets and channels; ``model_args`` override any of them), and, for the
+    :data:`CONFIG_FLAGS` not given (``config.given``), the targets (``training:``), one channel when
+    ``stereo`` is false and ``seq_dur = chunk_size / sample_rate``. The optimiser and learning-rate
+    settings of ``training:`` are not read: the flags decide. Applying it twice changes nothing.
+    """
+    if config.model_config is None:
+        return config, None
+    path = Path(config.model_config).expanduser().resolve()
+    msst = read_msst_config(path)
+    architecture = msst.architecture()
+    family = MSST_FAMILIES[architecture]
+    given = set(config.given) if config.given is not None else _differing(config)
+    if "model" in given and config.model != family:
+        raise UsageError(None, f"--model {config.model} conflicts with --model-config {config.model_config}, a {architecture} "
+                               f"model (--model {family}); drop --model")
+    args = {k: v for k, v in msst.model.items() if k not in _MSST_OWN and k not in OFFERED_ARGS}
+    changes = {"model": family, "model_config": str(path), "model_args": {**args, **config.model_args}}
+    if "targets" not in given and msst.targets:
+        changes["targets"] = tuple(msst.targets)
+    if "nb_channels" not in given and msst.model.get("stereo") is False:
+        changes["nb_channels"] = 1
+    if "seq_dur" not in given and msst.chunk_size is not None and msst.sample_rate is not None:
+        changes["seq_dur"] = _seconds(msst.chunk_size, msst.sample_rate)
+    return dataclasses.replace(config, **changes), msst
+
+
+def _differing(config: TrainConfig) -> set[str]:
+    """The :data:`CONFIG_FLAGS` whose value is not TrainConfig's default (taken as given)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in CONFIG_FLAGS}
+    return {k for k, v in defaults.items() if (tuple(config.targets) if k == "targets" else getattr(config, k)) != v}
+
+
+def _seconds(samples: int, sample_rate: int) -> float:
+    """``samples / sample_rate`` as the loaders read it back: ``int(seconds * sample_rate)`` is ``samples``
+    (the plain quotient can fall a rounding error short, one sample less)."""
+    seconds = samples / sample_rate
+    while int(seconds * sample_rate) < samples:
+        seconds = math.nextafter(seconds, math.inf)
+    return seconds
+
+
+def _check_config_rate(msst: MsstConfig, meta: CacheMeta) -> None:
+    """An MSST config's model was made for its ``audio: sample_rate``: refuse a cache of another rate."""
+    rate = meta.settings.sample_rate
+    for where, value in (("audio: sample_rate", msst.sample_rate), ("model: sample_rate", msst.model.get("sample_rate"))):
+        if value is not None and value != rate:
+            raise UsageError(msst.path, f"{where} is {value} Hz but the cache {meta.path} holds {rate} Hz audio; "
+                                        "use a cache of the config's rate or another config")
+
+
+def _segmenting(config: TrainConfig, spec: ModelSpec, msst: MsstConfig | None, sample_rate: int) -> dict | None:
+    """How ``separate`` runs the model (model.json's ``segmenting``): the RoFormers by MSST's chunked
+    rule, with the config's ``chunk_size`` and ``num_overlap`` when given, else chunks of the training
+    excerpt and MSST's overlap; batches of one (MSST's fades depend on the batching). None: others."""
+    if spec.cls not in MSST_SEGMENTED:
+        return None
+    chunk = msst.inference_chunk_size if msst is not None else None
+    overlap = msst.num_overlap if msst is not None else None
+    return {"rule": "msst", "chunk_size": chunk or round(config.seq_dur * sample_rate), "num_overlap": overlap or MSST_NUM_OVERLAP,
+            "batch_size": 1}
 
 
 def with_recipe(config: TrainConfig) -> TrainConfig:
