@@ -51,3 +51,55 @@ def test_a_partial_match_lists_the_mismatches(toy_cache, tmp_path, earlier):
 def test_init_from_with_resume_is_refused(toy_cache, tmp_path, earlier):
     with pytest.raises(UsageError, match="--init-from starts a fresh run"):
         prepare(TrainConfig(cache=toy_cache, valid=None, output=tmp_path / "new", init_from=str(earlier), resume=True, **TINY))
+
+
+# --- from a demucs package and an MSST checkpoint ----------------------------------------------------
+
+
+def _assert_started_from(plan, state: dict, names) -> None:
+    own = plan.model.state_dict()
+    assert names and all(torch.equal(own[k], state[k]) for k in names)
+
+
+def test_init_from_a_demucs_package(toy_cache, tmp_path):
+    pytest.importorskip("demucs.states")
+    from tests.test_htdemucs import save_package
+    from tests.test_segments import SOURCES, TINY
+    from umxtools.init_weights import source_state
+    from umxtools.models.htdemucs import HTDemucs
+
+    torch.manual_seed(3)
+    th = save_package(HTDemucs(SOURCES, sample_rate=44100, segment=1, demucs_args=TINY).demucs, tmp_path / "tiny.th")
+    state = source_state(str(th), SOURCES, joint=False)  # the package's weights (stored in half precision)
+    flags = {"model": "htdemucs", "model_args": {"segment": 1, "demucs_args": TINY}, "seq_dur": 1.0, "init_from": str(th)}
+    plan = prepare(TrainConfig(cache=toy_cache, valid=None, output=tmp_path / "all", targets=tuple(SOURCES), **flags))
+    assert set(plan.model.state_dict()) == set(state)
+    _assert_started_from(plan, state, list(state))
+    assert f"{len(state)} loaded; 0 missing; 0 unexpected; 0 mismatched" in plan.init_note
+
+    # one target of four: the layers that make the sources do not fit and are named; the rest loads
+    plan = prepare(TrainConfig(cache=toy_cache, valid=None, output=tmp_path / "one", targets=("vocals",), **flags))
+    own = plan.model.state_dict()
+    mismatched = [k for k in state if own[k].shape != state[k].shape]
+    assert mismatched and all(k.startswith(("demucs.decoder.", "demucs.tdecoder.")) for k in mismatched)
+    _assert_started_from(plan, state, [k for k in state if k not in mismatched])
+    assert f"{len(state) - len(mismatched)} loaded; 0 missing; 0 unexpected; {len(mismatched)} mismatched ({mismatched[0]}, " \
+        in plan.init_note
+
+
+def test_init_from_an_msst_checkpoint_with_its_config(toy_cache, tmp_path):
+    from tests.test_roformer import randomize
+    from tests.test_train_model_config import write_config
+    from umxtools.msst import build_msst_model
+
+    config = write_config(tmp_path)
+    source = build_msst_model(config)
+    randomize(source, seed=4)
+    state = source.state_dict()
+    ckpt = tmp_path / "model.ckpt"  # as Lightning writes it: wrapped, every key under "model."
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, ckpt)
+    plan = prepare(TrainConfig(cache=toy_cache, valid=None, output=tmp_path / "out", model_config=str(config), init_from=str(ckpt),
+                               epochs=1))
+    assert set(plan.model.state_dict()) == set(state)
+    _assert_started_from(plan, state, list(state))
+    assert f"{len(state)} loaded; 0 missing; 0 unexpected; 0 mismatched" in plan.init_note
