@@ -103,3 +103,26 @@ def test_init_from_an_msst_checkpoint_with_its_config(toy_cache, tmp_path):
     assert set(plan.model.state_dict()) == set(state)
     _assert_started_from(plan, state, list(state))
     assert f"{len(state)} loaded; 0 missing; 0 unexpected; 0 mismatched" in plan.init_note
+
+
+def test_an_msst_checkpoint_gives_each_target_its_own_mask_estimator(toy_cache, tmp_path):
+    """MSST numbers the mask estimators in its instruments' order: fine-tuning a (vocals, other)
+    checkpoint for other alone starts from other's estimator, not from the first one."""
+    from tests.test_roformer import randomize
+    from tests.test_train_model_config import write_config
+    from umxtools.msst import build_msst_model
+
+    config = write_config(tmp_path)  # instruments: vocals, other
+    source = build_msst_model(config)
+    randomize(source, seed=4)
+    state = source.state_dict()
+    ckpt = tmp_path / "model.ckpt"
+    torch.save(state, ckpt)
+    plan = prepare(TrainConfig(cache=toy_cache, valid=None, output=tmp_path / "out", model_config=str(config), init_from=str(ckpt),
+                               targets=("other",), epochs=1))
+    own = plan.model.state_dict()
+    estimator = [k for k in state if k.startswith("mask_estimators.1.")]
+    assert estimator and all(torch.equal(own[k.replace(".1.", ".0.", 1)], state[k]) for k in estimator)
+    shared = [k for k in state if not k.startswith("mask_estimators.")]
+    assert all(torch.equal(own[k], state[k]) for k in shared)
+    assert f"{len(shared) + len(estimator)} loaded; 0 missing; {len(estimator)} unexpected (mask_estimators.vocals." in plan.init_note

@@ -54,6 +54,27 @@ def source_state(source: str, targets: list[str], joint: bool) -> dict[str, torc
     raise UsageError(None, f"--init-from {source}: no such model folder, .pth, .th, .ckpt file or demucs name")
 
 
+def msst_stems(state: dict[str, torch.Tensor], source_targets: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
+    """An MSST state dict's per-stem mask estimators renumbered to ``targets``' order.
+
+    MSST numbers ``mask_estimators.<i>`` in its config's instruments' order (``source_targets``),
+    so matching by name alone would start a model of other targets from the wrong stems'. A stem
+    the run does not train is kept under its name (``mask_estimators.<target>.``), which no model
+    has: the note lists it as unexpected.
+    """
+    out = {}
+    for key, value in state.items():
+        prefix, _, rest = key.partition(".")
+        index, _, tail = rest.partition(".")
+        if prefix != "mask_estimators" or not index.isdigit() or int(index) >= len(source_targets):
+            out[key] = value
+            continue
+        name = source_targets[int(index)]
+        at = str(targets.index(name)) if name in targets else name
+        out[f"mask_estimators.{at}.{tail}"] = value
+    return out
+
+
 def init_from(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict:
     """Copy ``state``'s entries whose name and shape match into ``model``; what matched:
     ``{"loaded", "missing", "unexpected", "mismatched"}``, each a list of names."""

@@ -199,7 +199,7 @@ def prepare(config: TrainConfig) -> Plan:
                                "waveform to score without the phase and Wiener filtering of separate; use --valid-metric loss")
     init_note = None
     if config.init_from is not None:
-        init_note = _init_weights(config, model)
+        init_note = _init_weights(config, model, msst)
     # built before anything is written, so a missing target fails early; the loop trains on them
     train_set, valid_set = _datasets(config, spec.kind, meta, valid_meta)
     files = _run_files(config)
@@ -214,11 +214,15 @@ def prepare(config: TrainConfig) -> Plan:
     return Plan(config, meta, valid_meta, model, info, train_set, valid_set, init_note=init_note)
 
 
-def _init_weights(config: TrainConfig, model: torch.nn.Module) -> str:
-    """``--init-from``: the matching weights copied into ``model``; the note saying what matched."""
-    from umxtools.init_weights import describe, init_from, source_state
+def _init_weights(config: TrainConfig, model: torch.nn.Module, msst: MsstConfig | None) -> str:
+    """``--init-from``: the matching weights copied into ``model``; the note saying what matched.
+    An MSST ``.ckpt`` with ``--model-config`` (its config) gives each target its own stem's mask
+    estimator, by the config's instruments."""
+    from umxtools.init_weights import describe, init_from, msst_stems, source_state
 
     state = source_state(config.init_from, list(config.targets), config.joint)
+    if msst is not None and msst.targets and Path(config.init_from).suffix == ".ckpt":
+        state = msst_stems(state, msst.targets, list(config.targets))
     matched = init_from(model, state)
     if not matched["loaded"]:
         raise UsageError(None, f"--init-from {config.init_from}: no weight matches the model's names and shapes "
