@@ -20,7 +20,7 @@ from umxtools import filtering
 from umxtools.errors import UsageError
 from umxtools.models.loading import SeparationModel, load_model
 from umxtools.models.umx import OpenUnmix
-from umxtools.separation import SeparationSettings, Separator, parse_aggregate
+from umxtools.separation import WAVE_BLOCK, SeparationSettings, Separator, parse_aggregate
 from umxtools.transforms import CentredSTFT
 
 TARGETS = ["vocals", "drums", "bass", "other"]
@@ -323,6 +323,17 @@ def test_waveform_model_whole_segmented_and_residual():
     seg = Separator(_wave_model(_Gains(), ["a", "b", "c"]), SeparationSettings(residual=True, segment=0.7, overlap=0.3)).separate(audio)
     for name in whole:
         np.testing.assert_allclose(seg[name], whole[name], rtol=0, atol=1e-6)
+
+
+def test_a_whole_run_longer_than_one_output_block_is_streamed_whole():
+    # the whole-track output is handed out in blocks of WAVE_BLOCK samples: every block, not only the first
+    audio = np.random.default_rng(0).standard_normal((2, 2 * WAVE_BLOCK + 1234)).astype(np.float32)
+    sep = Separator(_wave_model(_Gains(), ["a", "b", "c"]), SeparationSettings(residual=True))
+    blocks = list(sep.stream(audio))
+    assert [b["a"].shape[-1] for b in blocks] == [WAVE_BLOCK, WAVE_BLOCK, 1234]
+    out = {name: np.concatenate([b[name] for b in blocks], axis=-1) for name in blocks[0]}
+    np.testing.assert_array_equal(out["a"], audio * np.float32(0.5))
+    np.testing.assert_array_equal(out["residual"], audio - (out["a"] + out["b"] + out["c"]))
 
 
 def test_segments_are_crossfaded_linearly():

@@ -293,9 +293,9 @@ class Separator:
             chunks = _starts(y[self._select] for y in self._plan.blocks(audio, progress))
         elif seg is None:
             progress("total", {"n": 1})
-            y = run(0, length)
+            whole = run(0, length)  # its own name: the loop below rebinds y while this generator still reads it
             progress("advance", {"n": 1})
-            chunks = ((y[..., a:a + WAVE_BLOCK], a) for a in range(0, length, WAVE_BLOCK))
+            chunks = ((whole[..., a:a + WAVE_BLOCK], a) for a in range(0, length, WAVE_BLOCK))
         else:
             progress("total", {"n": _nb_segments(length, *seg)})
             chunks = _crossfaded(run, length, *seg, progress)

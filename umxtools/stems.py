@@ -257,6 +257,9 @@ class StemWriter:
                 if stem.resampler is not None:
                     self._put(stem, stem.resampler.resample_chunk(np.zeros((0, self.channels), np.float32), last=True))
                 if stem.written < self.length:
+                    if stem.resampler is None:  # the separation streams every sample: a shortfall is a bug, never padded
+                        raise RuntimeError(f"{self.folder}: {stem.path.name} received {stem.written} of {self.length} samples")
+                    # a resampler's last block can fall a few samples short of the rounded output length
                     self._put(stem, np.zeros((self.length - stem.written, self.channels), np.float32))
                 self._close(stem.file)
             gain = self._rescale() if self.staged else 1.0
