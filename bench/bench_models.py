@@ -41,7 +41,7 @@ Parts (``--part``, comma-separated; default ``training,separation``):
 Timings compare within one JSON only (same machine, same moment); ``machine.load_avg_*`` shows
 whether something else ran meanwhile.
 
-    python bench/bench_models.py --out results/bench_models.json                  # about 15 min on 2 cores
+    python bench/bench_models.py --out results/bench_models.json                  # about 20 min on 2 cores
     python bench/bench_models.py --seconds 20 --epochs 1 --samples-per-track 2 --out /tmp/b.json   # a quick check
     python bench/bench_models.py --part sdr --sdr-model umx=models/toy-umx --out /tmp/sdr.json
 """
@@ -54,6 +54,7 @@ from results_io import write_json
 
 import csv
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -67,7 +68,7 @@ import numpy as np
 import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # this checkout's umxtools, as the children's `python -m umxtools` run from the repository root
+sys.path.insert(0, str(REPO))  # this checkout's umxtools (and tests/support), here and in the children (child_env)
 FAMILIES = ("umx", "waveform", "bsroformer", "melroformer", "htdemucs")
 RATE = 44100
 SEPARATION_TARGETS = ["vocals", "drums", "bass", "other"]
@@ -87,8 +88,9 @@ TRAIN_MODELS: dict[str, list[str]] = {
 }
 
 # --part separation: model constructor arguments per --size. "small" keeps a 10-minute song to
-# a couple of minutes per side on 2 cores; "large" is the published models' size (umxhq; Demucs
-# v2; MSST's vocals BS-/Mel-RoFormer dim 384 depth 6 ...; htdemucs), far slower on a CPU.
+# a couple of minutes per side on 2 cores; "large" is published-scale (umxhq's hidden 512; Demucs
+# v2's 64 channels, depth 6; RoFormers dim 384 depth 6 with MSST's default heads; demucs's
+# htdemucs defaults), far slower on a CPU.
 SEPARATION_SIZES: dict[str, dict[str, dict]] = {
     "small": {
         "umx": {"hidden_size": 128},
@@ -132,6 +134,13 @@ def umx_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "umxtools", *map(str, args)]
 
 
+def child_env(threads: int | None) -> dict:
+    """bench_separate's environment (OMP_NUM_THREADS) with this checkout first on the path."""
+    env = _env(threads)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env
+
+
 def parameter_count(folder: Path) -> int:
     from umxtools.models.loading import load_model
 
@@ -146,12 +155,13 @@ def make_toy_cache(work: Path, tracks: int, seconds: float, seed: int, valid: st
     """The toy dataset and its caches: ``train`` (and ``valid`` when ``valid`` names tracks)."""
     work.mkdir(parents=True, exist_ok=True)
     toy = work / "toy"
-    run_child(umx_cmd("toy", toy, "--tracks", tracks, "--seconds", seconds, "--seed", seed))
+    run_child(umx_cmd("toy", toy, "--tracks", tracks, "--seconds", seconds, "--seed", seed), child_env(None))
     caches = {"toy": toy}
     for split in ("train", "valid") if valid else ("train",):
         caches[split] = work / f"{split}.h5"
         flags = ["--split", split, "--valid-tracks", valid] if valid else ["--split", "train"]
-        run_child(umx_cmd("cache", "musdb", toy, "--is-wav", "--subset", "train", *flags, "--jobs", 1, "--force", "-o", caches[split]))
+        run_child(umx_cmd("cache", "musdb", toy, "--is-wav", "--subset", "train", *flags, "--jobs", 1, "--force", "-o", caches[split]),
+                  child_env(None))
     return caches
 
 
@@ -176,7 +186,7 @@ def training_part(families: list[str], work: Path, s: dict) -> dict:
     for family in families:
         folder = work / f"train-{family}"
         flags = train_flags(family, s["seq_dur"])
-        run = run_child(umx_cmd("train", caches["train"], "-o", folder, *flags, *common), _env(s["threads"]))
+        run = run_child(umx_cmd("train", caches["train"], "-o", folder, *flags, *common), child_env(s["threads"]))
         run.pop("stdout")
         history = read_history(folder)
         last = history[-1]
@@ -260,7 +270,7 @@ def make_material(family: str, size: dict, folder: Path, seed: int) -> dict:
 
 
 def umxtools_side(wav: Path, umx_args: list, out: Path, threads: int | None) -> dict:
-    run = run_child(umx_cmd("separate", wav, *umx_args, "-o", out, "-q", "--force"), _env(threads))
+    run = run_child(umx_cmd("separate", wav, *umx_args, "-o", out, "-q", "--force"), child_env(threads))
     folder = Path(run.pop("stdout").strip().splitlines()[-1])
     record = json.loads((folder / "separation.json").read_text())
     return {**run, "separate_s": record["seconds"], "folder": str(folder)}
@@ -270,7 +280,7 @@ def reference_side(family: str, wav: Path, reference: dict, out: Path, threads: 
     if family == "umx":
         return openunmix_run(wav, Path(reference["model"]), out, SEPARATION_TARGETS, 1, threads)
     cmd = [sys.executable, __file__, "_reference-child", family, str(wav), json.dumps(reference), str(out)]
-    run = run_child(cmd, _env(threads))
+    run = run_child(cmd, child_env(threads))
     inner = json.loads(run.pop("stdout").strip().splitlines()[-1])
     return {**run, **inner, "folder": str(out)}
 
@@ -289,7 +299,6 @@ def reference_child(family: str, wav: str, reference: str, out: str) -> None:
         model = load_model(ref["th"]).eval()
         run = lambda mix: apply_model(model, mix[None], shifts=0, split=True, overlap=0.25, progress=False)[0]  # noqa: E731
     else:
-        sys.path.insert(0, str(REPO))
         from tests.support.msst_reference import msst_demix
         from tests.support.roformer_reference import import_roformer_modules
 
@@ -395,21 +404,21 @@ def sdr_part(families: list[str], work: Path, s: dict, given: dict[str, Path]) -
             folder = work / "sdr" / f"model-{family}"
             flags = TOY_TRAIN_FLAGS[family] + ([] if s["sdr_epochs"] is None else ["--epochs", str(s["sdr_epochs"])])  # the last wins
             run = run_child(umx_cmd("train", caches["train"], "--valid", caches["valid"], "--targets", "vocals", "-o", folder,
-                                    *flags, "--seed", s["seed"], "-q", "--force"), _env(threads))
+                                    *flags, "--seed", s["seed"], "-q", "--force"), child_env(threads))
             how = {"trained_with": flags, "train_wall_s": run["wall_s"]}
         est = work / "sdr" / "estimates" / family
         run_child(umx_cmd("separate", toy / "test", "--model", folder, "--targets", "vocals", "--residual", "-o", est / "test", "-q"),
-                  _env(threads))
+                  child_env(threads))
         methods[family] = est
         out["methods"][family] = how
     for oracle in SDR_ORACLES:
         est = work / "sdr" / "estimates" / oracle
-        run_child(umx_cmd("oracle", "--musdb", toy, "--is-wav", "--method", oracle, *scored, "-o", est))
+        run_child(umx_cmd("oracle", "--musdb", toy, "--is-wav", "--method", oracle, *scored, "-o", est), child_env(threads))
         methods[oracle] = est
         out["methods"][oracle] = {"oracle": oracle}
     for name, est in methods.items():
         scores = work / "sdr" / "scores" / name
-        run_child(umx_cmd("eval", est, "--musdb", toy, "--is-wav", *scored, "-o", scores, "--jobs", jobs, "-q"), _env(threads))
+        run_child(umx_cmd("eval", est, "--musdb", toy, "--is-wav", *scored, "-o", scores, "--jobs", jobs, "-q"), child_env(threads))
         out["methods"][name].update(median_vocals_sdr(scores, name))
         click.echo(f"sdr {name:11s}: median vocals SDR {out['methods'][name]['median_sdr']:.2f} dB", err=True)
     return out
