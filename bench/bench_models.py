@@ -399,8 +399,6 @@ def sdr_part(families: list[str], work: Path, s: dict, given: dict[str, Path]) -
         if family in given:
             folder, how = given[family], {"model": str(given[family])}
         else:
-            if caches is None:
-                raise click.UsageError(f"{family}: no --sdr-model and --sdr-data is given: train it elsewhere and pass its folder")
             folder = work / "sdr" / f"model-{family}"
             flags = TOY_TRAIN_FLAGS[family] + ([] if s["sdr_epochs"] is None else ["--epochs", str(s["sdr_epochs"])])  # the last wins
             run = run_child(umx_cmd("train", caches["train"], "--valid", caches["valid"], "--targets", "vocals", "-o", folder,
@@ -484,6 +482,9 @@ def main(parts: str, families: str, out: Path, sdr_models: tuple[str, ...], **se
         if family not in FAMILIES or not folder:
             raise click.BadParameter(f"{spec!r}: FAMILY=FOLDER with FAMILY one of {', '.join(FAMILIES)}", param_hint="--sdr-model")
         given[family] = Path(folder)
+    untrained = [f for f in chosen if f not in given]
+    if "sdr" in chosen_parts and settings["sdr_data"] and untrained:
+        raise click.UsageError(f"--sdr-data: models are trained here on the toy only; give --sdr-model for {', '.join(untrained)}")
     began = time.perf_counter()
     start_machine = machine()
     result = {"created": datetime.now(timezone.utc).isoformat(), "machine": start_machine,
