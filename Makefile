@@ -95,6 +95,7 @@ bench: install
 	$(PYTHON) bench/bench_eval.py --out results/bench_eval.json
 	$(PYTHON) bench/bench_metrics.py --out results/bench_metrics.json
 	$(PYTHON) bench/bench_train.py --out results/bench_train.json
+	$(PYTHON) bench/bench_models.py --out results/bench_models.json
 
 # the whole pipeline on the toy data, small enough for a few minutes on 2 cores
 demo: install

@@ -1,7 +1,7 @@
 """HTDemucs and MSST checkpoints in umxtools: demucs packages and names, model folders, and `separate`.
 
 References: ``demucs.apply.apply_model`` on the model demucs's own ``demucs.states.load_model``
-reads from the same ``.th``, and the restated MSST ``demix`` of tests/test_segments.py.
+reads from the same ``.th``, and the restated MSST ``demix`` of tests/support/msst_reference.py.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import soundfile as sf
 import torch
 
 from tests.conftest import error_line
+from tests.support.msst_reference import msst_demix
 from tests.test_segments import (
     RATE,
     SOURCES,
     TINY,
     TOLERANCE,
-    msst_demix,
     tiny_htdemucs,
 )
 from umxtools.models import MODELS, ModelError, load_class

@@ -1,63 +1,34 @@
 """BS-RoFormer and Mel-Band RoFormer against an independent reference, and MSST configs/checkpoints.
 
-The reference is the ``audio-separator`` package's MSST-compatible roformer modules (test-only:
-``pip install --no-deps audio-separator`` plus ``einops "beartype<0.19" "rotary-embedding-torch<0.7"
-librosa``). Its package ``__init__`` imports onnxruntime, so the roformer modules are imported
-under empty stand-in parent packages. Both models get the same random weights; outputs must agree
+The reference is the ``audio-separator`` package's MSST-compatible roformer modules, imported by
+tests/support/roformer_reference.py (which says what to install). Both models get the same random weights; outputs must agree
 to 1e-5 in float32.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-import types
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from tests.support.roformer_reference import INSTALL, import_roformer_modules
 from umxtools.models import MODELS, ModelError, load_class
 from umxtools.models.bsroformer import BSRoformer
 from umxtools.models.melroformer import MelBandRoformer, mel_filterbank
 from umxtools.msst import MsstError, build_msst_model, load_msst_checkpoint, read_msst_config
 
 TOLERANCE = 1e-5
-INSTALL = ('pip install --no-deps audio-separator && pip install einops "beartype<0.19" '
-           '"rotary-embedding-torch<0.7" librosa')
-ROFORMER_PACKAGE = "audio_separator.separator.uvr_lib_v5.roformer"
 
 
 @pytest.fixture(scope="module")
 def reference():
     """``(bs_roformer, mel_band_roformer)`` modules of audio-separator, imported without its ``__init__``."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # rotary-embedding-torch's torch.cuda.amp deprecation notices
-            for name in ("einops", "beartype", "rotary_embedding_torch", "librosa"):
-                importlib.import_module(name)
-        spec = importlib.util.find_spec("audio_separator")
+        return import_roformer_modules()
     except ImportError as exc:
-        pytest.skip(f"reference not importable ({exc}); install it with: {INSTALL}")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"audio-separator is not installed; install the test-only reference with: {INSTALL}")
-    path = spec.submodule_search_locations[0]
-    parts = ROFORMER_PACKAGE.split(".")
-    for depth in range(1, len(parts) + 1):
-        name = ".".join(parts[:depth])
-        if name not in sys.modules:
-            stand_in = types.ModuleType(name)
-            stand_in.__path__ = [path + "/" + "/".join(parts[1:depth]) if depth > 1 else path]
-            sys.modules[name] = stand_in
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return (importlib.import_module(f"{ROFORMER_PACKAGE}.bs_roformer"),
-                    importlib.import_module(f"{ROFORMER_PACKAGE}.mel_band_roformer"))
-        except ImportError as exc:
-            pytest.skip(f"audio-separator's roformer modules do not import ({exc}); install with: {INSTALL}")
+        pytest.skip(f"reference not importable: {exc}")
 
 
 # n_fft 512 (257 bins), hop 128: tiny models that still have several bands, frames and heads
