@@ -19,7 +19,7 @@ def signals():
     return target, mix
 
 
-@pytest.mark.parametrize("name", ["l1", "mse", "sdr", "mrstft"])
+@pytest.mark.parametrize("name", ["l1", "mse", "sdr", "mrstft", "cstft"])
 def test_each_term_is_zero_for_identical_signals(signals, name):
     target, mix = signals
     loss = LOSS_FUNCTIONS[name](target.clone(), target, mix)

@@ -15,7 +15,8 @@ import torch
 
 from tests.support.roformer_reference import INSTALL, import_roformer_modules
 from umxtools.models import MODELS, ModelError, load_class
-from umxtools.models.bsroformer import BSRoformer
+from umxtools.losses import loss_function
+from umxtools.models.bsroformer import DEFAULT_FREQS_PER_BANDS, BSRoformer
 from umxtools.models.melroformer import MelBandRoformer, mel_filterbank
 from umxtools.msst import MsstError, build_msst_model, load_msst_checkpoint, read_msst_config
 
@@ -140,6 +141,20 @@ def test_msst_loss_matches_reference(reference):
     y = audio(1, 2048)
     loss = one(y, y * 0.3)  # a one-stem target may leave out the stems axis, as in MSST
     assert loss.dim() == 0 and loss > 0
+
+
+def test_l1_plus_cstft_is_msst_training_loss(reference):
+    """``--loss l1+cstft`` (the roformers' default) of one target is the loss MSST's model returns
+    with its default multi-resolution settings (stft_n_fft 2048, windows 4096..256, hop 147)."""
+    config = dict(SMALL, stft_n_fft=2048, stft_win_length=2048, stft_hop_length=512, depth=1, stereo=True, num_stems=1,
+                  freqs_per_bands=DEFAULT_FREQS_PER_BANDS)
+    ref, ours = pair(reference[0].BSRoformer, BSRoformer, config)
+    x, target = audio(2, 8192), audio(2, 8192, seed=2) * 0.5
+    with torch.no_grad():
+        expected = ref(x, target)
+        got = loss_function("l1+cstft")(ours(x), target[:, None], x)
+    assert got.shape == (1,)
+    assert abs(float(got[0]) - float(expected)) < TOLERANCE * float(expected)
 
 
 def test_flash_and_explicit_attention_agree():

@@ -27,7 +27,7 @@ def test_each_family_has_its_recipe_and_flags_override_it(tmp_path):
     assert (umx.loss, umx.optimizer, umx.lr_schedule, umx.warmup_steps, umx.clip_grad_norm) == ("l1", "adam", "plateau", 0, 0.0)
     assert with_recipe(TrainConfig(**base, model="my.module:Net")).optimizer == "adam"
     roformer = with_recipe(TrainConfig(**base, model="bsroformer"))
-    assert (roformer.loss, roformer.optimizer, roformer.lr_schedule) == ("l1+mrstft", "adamw", "cosine")
+    assert (roformer.loss, roformer.optimizer, roformer.lr_schedule) == ("l1+cstft", "adamw", "cosine")
     assert with_recipe(TrainConfig(**base, model="htdemucs", loss="sdr", warmup_steps=7)).warmup_steps == 7
     assert with_recipe(TrainConfig(**base, model="htdemucs", loss="sdr")).loss == "sdr"
     assert set(RECIPES) == {"umx", "waveform", "bsroformer", "melroformer", "htdemucs", "custom"}

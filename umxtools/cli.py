@@ -477,7 +477,7 @@ def _key_values(items: tuple[str, ...], flag: str) -> dict:
 # choices mirror train_setup.OPTIMIZERS and LR_SCHEDULES (checked there again), as --amp's do
 @click.option("--loss", default=None, callback=_train_loss,
               help=f"Waveform models' loss: one of {', '.join(_waveform_losses())} or a '+'-joined sum (l1+mrstft) "
-                   "[default: the family's: l1; roformers l1+mrstft].")
+                   "[default: the family's: l1; roformers l1+cstft, MSST's loss].")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default=None,
               help="[default: the family's: adam (umx, waveform, custom); adamw (roformers, htdemucs)].")
 @click.option("--lr-schedule", type=click.Choice(["plateau", "cosine"]), default=None,

@@ -3,7 +3,7 @@
 Every loss returns one value per target, ``(targets,)``: training sums them (the joint loss of
 open-unmix's "Jointly train targets" guide) and records each in the history. Spectrogram models
 train on open-unmix's MSE of magnitudes; waveform models on a ``+``-joined sum of named terms
-(``--loss l1+mrstft``): Demucs v2's L1, the MSE, a thresholded SDR and a multi-resolution STFT loss.
+(``--loss l1+mrstft``): Demucs v2's L1, the MSE, a thresholded SDR, a multi-resolution STFT loss and MSST's complex STFT L1.
 This module imports no torch at import time, so ``umxtools --help`` can read :data:`LOSSES`.
 """
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 # the loss terms of each kind, the first the default: open-unmix's MSE on magnitudes; on
 # waveforms any "+"-joined sum of these terms. The keys are the model kinds (umxtools.models.KINDS)
-LOSSES: dict[str, tuple[str, ...]] = {"spectrogram": ("mse",), "waveform": ("l1", "sdr", "mse", "mrstft")}
+LOSSES: dict[str, tuple[str, ...]] = {"spectrogram": ("mse",), "waveform": ("l1", "sdr", "mse", "mrstft", "cstft")}
 # SDR loss: signal and distortion energies both floored at SDR_TAU * |mixture|^2 (30 dB below the
 # mixture; the soft threshold of Wisdom et al.'s thresholded SNR, "Unsupervised sound separation
 # using mixture invariant training", 2020), so silent targets and near-perfect estimates neither
@@ -28,6 +28,11 @@ SDR_EPS = 1e-8
 # and the floor of the power spectrum (auraloss' eps: magnitudes are at least 1e-4)
 MRSTFT_SIZES = (4096, 2048, 1024, 512, 256)
 MRSTFT_EPS = 1e-8
+# complex multi-resolution STFT L1, MSST's RoFormer term (its BSRoformer/MelBandRoformer defaults):
+# Hann windows of these lengths, FFT size max(window, CSTFT_MIN_FFT), hop CSTFT_HOP, unnormalised
+CSTFT_SIZES = (4096, 2048, 1024, 512, 256)
+CSTFT_MIN_FFT = 2048  # MSST's stft_n_fft
+CSTFT_HOP = 147
 
 
 def _but_targets(x: torch.Tensor) -> list[int]:
@@ -104,7 +109,34 @@ def mrstft_loss(estimate: torch.Tensor, target: torch.Tensor, mix: torch.Tensor 
     return total / len(sizes)
 
 
-LOSS_FUNCTIONS = {"mse": mse_loss, "l1": l1_loss, "sdr": sdr_loss, "mrstft": mrstft_loss}
+def cstft_loss(estimate: torch.Tensor, target: torch.Tensor, mix: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-target multi-resolution complex STFT L1 of waveforms ``(batch, targets, channels,
+    samples)``, ``(targets,)``: MSST's RoFormer term.
+
+    For each window length ``w`` of :data:`CSTFT_SIZES`: the STFT (Hann window of length ``w``,
+    FFT size ``max(w, 2048)``, hop 147, centred with reflection padding, unnormalised) of estimate
+    and target, and the mean modulus of their complex difference over a target's excerpts,
+    channels, bins and frames; the term is the sum over the sizes. ``l1+cstft`` of one target is
+    the loss MSST's ``BSRoformer``/``MelBandRoformer`` return for a target (its defaults:
+    ``multi_stft_resolution_loss_weight`` 1, ``stft_n_fft`` 2048); with several targets the
+    targets' losses are summed where MSST averages them.
+    """
+    import torch
+
+    nb_samples = estimate.shape[-1]
+    k = estimate.shape[1]
+    est = estimate.transpose(0, 1).reshape(-1, nb_samples)  # (targets * batch * channels, samples)
+    ref = target.transpose(0, 1).reshape(-1, nb_samples)
+    total = estimate.new_zeros(k)
+    for w in CSTFT_SIZES:
+        window = torch.hann_window(w, device=estimate.device, dtype=estimate.dtype)
+        settings = dict(n_fft=max(w, CSTFT_MIN_FFT), hop_length=CSTFT_HOP, win_length=w, window=window, return_complex=True)
+        diff = torch.stft(est, **settings) - torch.stft(ref, **settings)
+        total = total + diff.abs().reshape(k, -1).mean(dim=1)
+    return total
+
+
+LOSS_FUNCTIONS = {"mse": mse_loss, "l1": l1_loss, "sdr": sdr_loss, "mrstft": mrstft_loss, "cstft": cstft_loss}
 
 
 def loss_terms(name: str) -> tuple[str, ...]:

@@ -49,7 +49,7 @@ VALID_METRICS = ("loss", "sdr")
 RECIPE_KEYS = ("loss", "optimizer", "lr_schedule", "warmup_steps", "clip_grad_norm", "valid_metric")
 _OPEN_UNMIX = {"loss": "l1", "optimizer": "adam", "lr_schedule": "plateau", "warmup_steps": 0, "clip_grad_norm": 0.0,
                "valid_metric": "loss"}
-_ROFORMER = {"loss": "l1+mrstft", "optimizer": "adamw", "lr_schedule": "cosine", "warmup_steps": 500, "clip_grad_norm": 1.0,
+_ROFORMER = {"loss": "l1+cstft", "optimizer": "adamw", "lr_schedule": "cosine", "warmup_steps": 500, "clip_grad_norm": 1.0,
              "valid_metric": "sdr"}
 # --model-config: MSST's architecture -> the family it trains (msst.ARCHITECTURES names the same classes)
 MSST_FAMILIES = {"bs_roformer": "bsroformer", "mel_band_roformer": "melroformer"}
