@@ -85,9 +85,12 @@ install:
 slurm:
 	-@bin/slurm-local start
 
+# pytest-xdist: TEST_JOBS worker processes, each test file on one worker (a file's tests share
+# fixtures and run in order); TEST_JOBS=0 runs in this process
+TEST_JOBS ?= 2
 test: install slurm
 	$(PYTHON) -m ruff check umxtools tests bench examples
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 
 bench: install
 	$(PYTHON) bench/bench_cache.py --out results/bench_cache.json
@@ -95,7 +98,7 @@ bench: install
 	$(PYTHON) bench/bench_eval.py --out results/bench_eval.json
 	$(PYTHON) bench/bench_metrics.py --out results/bench_metrics.json
 	$(PYTHON) bench/bench_train.py --out results/bench_train.json
-	$(PYTHON) bench/bench_models.py --out results/bench_models.json
+	$(PYTHON) bench/bench_models.py --part all --out results/bench_models.json
 
 # the whole pipeline on the toy data, small enough for a few minutes on 2 cores
 demo: install

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers on the two cores: one thread each, for torch here and for
+    # the commands the tests start (OpenMP threads spin-wait on a core the other worker holds, which
+    # slows both several-fold). Set before torch is imported.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 from dataclasses import dataclass
 from pathlib import Path
 
