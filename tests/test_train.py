@@ -206,8 +206,8 @@ def test_missing_target_and_stft_mismatch_write_nothing(run_cli, toy_cache, tmp_
     assert error_line(r) == f"umxtools: error: {tmp_path / 'none.h5'}: no such cache file (made by: umxtools cache musdb|folder|module SOURCE -o PATH)"
     r = run_cli("train", toy_cache, "--valid", toy_cache, "-o", out, "--targets", "vocals,drums", *TINY)
     assert error_line(r) == "umxtools: error: several targets with --model umx need --joint (or one command per target)"
-    r = run_cli("train", toy_cache, "--valid", toy_cache, "-o", out, "--amp", "bf16", "--device", "cpu", *TINY)
-    assert error_line(r) == "umxtools: error: --amp bf16 needs a CUDA device (training on cpu runs in float32)"
+    r = run_cli("train", toy_cache, "--valid", toy_cache, "-o", out, "--amp", "fp16", "--device", "cpu", *TINY)
+    assert error_line(r) == "umxtools: error: --amp fp16 needs a CUDA device (on cpu: --amp bf16, or float32 without --amp)"
     r = run_cli("train", toy_cache, "--valid", toy_cache, "-o", out, "--model", f"{TEMPLATE}:Nothing", *TINY)
     assert error_line(r) == f"umxtools: error: {TEMPLATE}: has no class 'Nothing'"
     r = run_cli("train", toy_cache, "--valid", toy_cache, "-o", out, "--model", "waveform", "--model-arg", "nb_channels=1", *TINY)

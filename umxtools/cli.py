@@ -503,7 +503,9 @@ def _key_values(items: tuple[str, ...], flag: str) -> dict:
 # the precision list mirrors umxtools.training.AMP_DTYPES, written out so that `umxtools --help`
 # does not import torch; the library checks it (and the device) again
 @_device_option
-@click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None, help="Mixed precision (CUDA only).")
+@click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None,
+              help="Mixed precision: the forward pass under torch.autocast (bf16 on CUDA or the CPU; fp16 on CUDA, with a "
+                   "gradient scaler).")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MINUTES",
               help="Stop after the epoch that passes it (--resume continues).")
 @click.option("--resume", is_flag=True, help="Continue the run in the output folder from its .chkpnt (a fresh start if there is none).")

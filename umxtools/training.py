@@ -90,8 +90,8 @@ def train(config: TrainConfig, report: Reporter | None = None) -> Path:
     """
     ctx = distributed.from_env()
     device = pick_device(config.device, ctx)
-    if config.amp is not None and device.type != "cuda":
-        raise UsageError(None, f"--amp {config.amp} needs a CUDA device (training on {device.type} runs in float32)")
+    if config.amp == "fp16" and device.type != "cuda":  # torch's CPU autocast runs bfloat16; fp16 needs the CUDA scaler
+        raise UsageError(None, f"--amp fp16 needs a CUDA device (on {device.type}: --amp bf16, or float32 without --amp)")
     plan = prepare(config)
     with _holding(plan.files, ctx):
         plan_output_of(plan)
