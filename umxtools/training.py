@@ -66,6 +66,7 @@ from umxtools.model_folder import (
     write_weights,
 )
 from umxtools.models import ModelError
+from umxtools.schedules import lr_factor, update_ema
 from umxtools.train_setup import AMP_DTYPES, Plan, TrainConfig, pick_device, prepare, short_tracks
 
 # the loss curves cost 0.3-0.5 s: redrawn at most this often, and when training ends
@@ -421,14 +422,8 @@ class _Trainer:
         return sum(parts), parts, int(count), count / max(elapsed, 1e-9), wait / max(elapsed, 1e-9)
 
     def _lr_factor(self, step: int) -> float:
-        """The learning rate of optimiser step ``step`` (from 0) over the groups' base rate: a
-        linear warm-up over ``--warmup-steps``, then 1 (plateau) or a cosine from 1 to 0 over
-        all the run's steps (Loshchilov & Hutter's SGDR without restarts)."""
         c = self.config
-        factor = min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else 1.0
-        if c.lr_schedule == "cosine":
-            factor *= 0.5 * (1 + math.cos(math.pi * min(max(step, 0), self.total_steps) / self.total_steps))
-        return factor
+        return lr_factor(step, c.warmup_steps, c.lr_schedule, self.total_steps)
 
     def _step(self) -> None:
         """One optimiser step on the accumulated gradients: clipped to ``--clip-grad-norm``, at the
@@ -450,17 +445,8 @@ class _Trainer:
         self._update_ema()
 
     def _update_ema(self) -> None:
-        """``ema = decay * ema + (1 - decay) * w`` for every float parameter and buffer after an
-        optimiser step; other buffers take the model's value."""
-        decay = self.config.ema
-        if not decay:
-            return
-        with torch.no_grad():
-            for k, w in self.model.state_dict().items():
-                if w.is_floating_point():
-                    self.ema[k].mul_(decay).add_(w, alpha=1 - decay)
-                else:
-                    self.ema[k].copy_(w)
+        if self.config.ema:
+            update_ema(self.ema, self.model.state_dict(), self.config.ema)
 
     def _valid_epoch(self) -> tuple[float, list[float], float | None]:
         """Mean validation loss over the validation excerpts (whole tracks by default), all ranks,
