@@ -484,6 +484,9 @@ def test_without_model_the_default_is_used_only_from_the_hub_cache(run_cli, song
         raise AssertionError("no download without --model")
     monkeypatch.setattr(pretrained, "download", no_download)
     hub = tmp_path / "torch" / "hub" / "checkpoints"
+    # a missing input is named first: with nothing to separate, no model is looked for
+    r = run_cli("separate", tmp_path / "nope.wav", "-o", tmp_path / "o")
+    assert error_line(r) == f"umxtools: error: {tmp_path / 'nope.wav'}: no such file"
     r = run_cli("separate", song, "-o", tmp_path / "o")
     urls = list(pretrained.PUBLISHED["umxse"].urls.values())
     assert error_line(r) == (f"umxtools: error: umxse: no --model given, and the default model umxse is not in torch.hub's "

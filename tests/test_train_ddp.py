@@ -54,3 +54,27 @@ def test_two_processes_on_cpu_train_and_write_the_single_process_format(toy_cach
     weights = torch.load(out / "vocals.pth", weights_only=True)
     assert weights.keys() == torch.load(single / "vocals.pth", weights_only=True).keys()
     assert set(meta) == set(json.loads((single / "vocals.json").read_text()))
+
+
+# today's families under torchrun: tiny sizes, 1 s excerpts, the waveform L1
+FAMILY_FLAGS = {
+    "bsroformer": ("--model-arg", "dim=8", "--model-arg", "depth=1", "--model-arg", "heads=1", "--model-arg", "dim_head=8"),
+    "htdemucs": ("--model-arg", "segment=1", "--model-arg", 'demucs_args={"channels": 8, "t_layers": 1}'),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILY_FLAGS)
+def test_two_processes_train_todays_families(toy_cache, tmp_path, family):
+    out = tmp_path / family
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "umxtools",
+           "train", str(toy_cache), "-o", str(out), "--model", family, *FAMILY_FLAGS[family], "--seq-dur", "1",
+           "--samples-per-track", "4", "--batch-size", "2", "--loss", "l1", "--warmup-steps", "0", "--epochs", "2"]
+    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout == f"{out}\n" and r.stderr.count("epoch 2/2") == 1
+    state = load_checkpoint(out / "model.chkpnt")
+    assert state["world_size"] == 2 and [row["samples"] for row in state["history"]] == [16, 16]
+    assert all(k.split(".")[0] != "module" for k in state["state_dict"])  # the single-process names
+    model = json.loads((out / "model.json").read_text())
+    assert model["class"] == f"umxtools.models.{family}:" + {"bsroformer": "BSRoformer", "htdemucs": "HTDemucs"}[family]

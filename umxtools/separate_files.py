@@ -277,6 +277,8 @@ def separate_files(
         raise OutputError(out, "is a file; -o names the folder that receives one <input name>/ folder per input")
     fileio.check_disjoint(out, [p for it in items for p in (it.given, it.path)], "input")
     fileio.check_disjoint(out, [p for p in lists if str(p) != "-"], "input list")
+    if items and all(it.error is not None for it in items):  # nothing to separate: say so before finding a model
+        return [FileResult(str(it.path), error=it.error) for it in items]
     if model_source is None:
         model_source = default_model(targets)
     if Path(model_source).expanduser().exists():

@@ -85,6 +85,8 @@ def select_shard(items: list[InputItem], shard) -> list[InputItem]:
 
 
 def _item(path: Path, given: Path) -> InputItem:
+    if not path.exists():  # known before a model is loaded: a run of missing inputs ends without one
+        return InputItem(path, output_name(path), AudioError(path, "no such file"), given)
     name = output_name(path)
     try:
         fileio.check_name(name, "output name", path)
