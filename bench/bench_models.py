@@ -1,5 +1,5 @@
 """The model families side by side: training speed, separation speed and memory against each
-family's reference implementation, and (a hook) toy-data SDR. Issue 16.
+family's reference implementation, and toy-data SDR. Issue 16.
 
 Parts (``--part``, comma-separated; default ``training,separation``):
 
@@ -31,7 +31,7 @@ Parts (``--part``, comma-separated; default ``training,separation``):
   audio seconds), child wall time and peak RSS (``ru_maxrss`` from ``wait4``). Then the ratios
   (``speed``: reference RTF / umxtools RTF; ``memory``: reference RSS / umxtools RSS) and the
   largest absolute difference between the two sides' stems.
-- **sdr** (a hook, not in the default run): median vocals SDR on the toy test split per family
+- **sdr** (not in the script's default parts; `make bench` runs `--part all`): median vocals SDR on the toy test split per family
   beside the oracle IRM2 and the mixture, as the Makefile's ``eval`` computes it (``separate
   --targets vocals --residual``, ``oracle``, ``eval --targets vocals,accompaniment``, then the
   median over tracks of the per-track median SDR, ``umxtools report``'s default). Model folders
@@ -377,7 +377,7 @@ def separation_part(families: list[str], work: Path, s: dict) -> dict:
     return out
 
 
-# --- sdr (a hook) --------------------------------------------------------------------------------------
+# --- sdr --------------------------------------------------------------------------------------
 
 
 def median_vocals_sdr(scores: Path, name: str) -> dict:
