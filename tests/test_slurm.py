@@ -255,9 +255,10 @@ def _start_now_once_pending(tasks: list[str]) -> None:
     """A requeued job waits about two minutes before it may start again (Slurm's begin time):
     once each task is pending again, let it start now (the test is about the rerun, not the wait)."""
     for task in tasks:
-        for _ in range(300):
-            if _job_state(task) == "PENDING":
-                break
+        deadline = time.monotonic() + 180  # a loaded machine (the other test worker) takes its time over the requeue
+        while (state := _job_state(task)) != "PENDING":
+            # not pending yet: a job that ends its requeue later would be taken by a dependency as done
+            assert time.monotonic() < deadline, f"{task} is not pending again after its requeue ({state})"
             time.sleep(0.1)
         subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=False, capture_output=True, timeout=60)
 
