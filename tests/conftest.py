@@ -148,3 +148,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# the longest files first: pytest-xdist hands test files to the workers in collection order, so
+# these start at once instead of running alone at the end of `make test`
+SLOW_FIRST = ("test_family_toy.py", "test_make_musdb.py", "test_slurm.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: each file keeps its order
