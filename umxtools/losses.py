@@ -69,6 +69,14 @@ def sdr_loss(estimate: torch.Tensor, target: torch.Tensor, mix: torch.Tensor) ->
     return -sdr.mean(dim=(0, 2))
 
 
+def _signals_by_target(estimate: torch.Tensor, target: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The number of targets and both ``(batch, targets, channels, samples)`` waveforms as rows
+    ``(targets * batch * channels, samples)``, target-major: the STFT losses' input."""
+    nb_samples = estimate.shape[-1]
+    return (estimate.shape[1], estimate.transpose(0, 1).reshape(-1, nb_samples),
+            target.transpose(0, 1).reshape(-1, nb_samples))
+
+
 def mrstft_loss(estimate: torch.Tensor, target: torch.Tensor, mix: torch.Tensor | None = None) -> torch.Tensor:
     """Per-target multi-resolution STFT loss of waveforms ``(batch, targets, channels, samples)``,
     ``(targets,)``.
@@ -91,9 +99,7 @@ def mrstft_loss(estimate: torch.Tensor, target: torch.Tensor, mix: torch.Tensor 
     nb_samples = estimate.shape[-1]
     sizes = [n for n in MRSTFT_SIZES if n // 2 < nb_samples]
     assert sizes, f"excerpts of {nb_samples} samples are too short for the multi-resolution STFT loss"
-    k = estimate.shape[1]
-    est = estimate.transpose(0, 1).reshape(-1, nb_samples)  # (targets * batch * channels, samples)
-    ref = target.transpose(0, 1).reshape(-1, nb_samples)
+    k, est, ref = _signals_by_target(estimate, target)
     total = estimate.new_zeros(k)
     for n in sizes:
         window = torch.hann_window(n, device=estimate.device, dtype=estimate.dtype)
@@ -123,10 +129,7 @@ def cstft_loss(estimate: torch.Tensor, target: torch.Tensor, mix: torch.Tensor |
     """
     import torch
 
-    nb_samples = estimate.shape[-1]
-    k = estimate.shape[1]
-    est = estimate.transpose(0, 1).reshape(-1, nb_samples)  # (targets * batch * channels, samples)
-    ref = target.transpose(0, 1).reshape(-1, nb_samples)
+    k, est, ref = _signals_by_target(estimate, target)
     total = estimate.new_zeros(k)
     for w in CSTFT_SIZES:
         window = torch.hann_window(w, device=estimate.device, dtype=estimate.dtype)
